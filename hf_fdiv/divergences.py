@@ -1,0 +1,558 @@
+"""f-divergence generators: everything the f-softargmax solver needs to know about f.
+
+An f-divergence with a (not necessarily normalised) reference measure q is
+
+    D_f(p, q) = sum_j q_j f(p_j / q_j)
+
+for a convex generator f: R+ -> R with f(1) = 0. The built-in generators also have f'(1) = 0, so
+D_f >= 0 for unnormalised measures too (see ``fdiv_math.md`` section 1.1).
+
+The solver works with the convex conjugate f*(v) = sup_{u>=0} uv - f(u) through
+
+* ``conj_grad(v)``  = (f*)'(v) = (f')^{-1}(max(v, f'(0)))   (p_j = q_j conj_grad(theta_j - tau)),
+* ``conj_hess(v)``  = (f*)''(v), zero where the clip at f'(0) is active (Newton step, Jacobian),
+* ``conj(v)``       = f*(v)                                    (the dual value),
+
+plus the scalars ``f_prime_zero`` = f'(0) (finite <=> the operator is sparse), ``f_prime_inf`` =
+f'(+inf) (finite <=> (f*)' has a pole there), ``f_zero`` = f(0) (may be +inf) and
+``newton_power`` (the transform under which Newton on the normalisation equation is monotone, see
+:mod:`hf_fdiv.solver`).
+
+All methods take and return tensors of the same shape; they are evaluated in fp32 or fp64.
+
+Spec strings: ``"kl"``, ``"reverse_kl"``, ``"chi2"``, ``"squared_hellinger"``, ``"js"``,
+``"alpha:1.5"`` (any alpha > 0), ``"entmax15"``, ``"sparsemax"``. :func:`get_divergence` also accepts an
+:class:`FDivergence` object, which it returns unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Union
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "FDivergence",
+    "KL",
+    "ReverseKL",
+    "ChiSquare",
+    "SquaredHellinger",
+    "JensenShannon",
+    "AlphaDivergence",
+    "get_divergence",
+    "available_divergences",
+    "DivergenceSpec",
+]
+
+_LOG2 = math.log(2.0)
+
+
+def _below_pole(v: Tensor, pole: float) -> Tensor:
+    """Keep v strictly below a pole of (f*)' (rounding can land on it; the math never does)."""
+    return torch.clamp(v, max=pole - 1e-7 * max(1.0, abs(pole)))
+
+
+class FDivergence:
+    """A generator f of an f-divergence, with what the f-softargmax solver needs.
+
+    Subclass and implement :meth:`f`, :meth:`f_prime`, :meth:`conj_grad` and :meth:`conj_hess`
+    (and set ``f_prime_zero``, ``f_prime_inf``, ``f_zero``), or build one from functions with
+    :meth:`from_functions`. :meth:`conj` and :meth:`jacobian_weight` have generic defaults.
+
+    Class attributes
+    ----------------
+    name:          spec-like name (used in messages and model cards).
+    f_prime_zero:  f'(0); ``-inf`` for dense operators, finite for sparse ones.
+    f_prime_inf:   f'(+inf); ``+inf`` for super-linear f, otherwise the pole of (f*)'.
+    f_zero:        f(0); may be ``+inf`` (then D_f(one-hot, q) is infinite and the loss drops the
+                   infinite constant, see :func:`hf_fdiv.losses.fdiv_loss`).
+    newton_power:  r such that Newton on (sum_j p_j(tau))^r = 1 (r > 0) or log sum_j p_j(tau) = 0
+                   (r = 0) is monotone from the lower bracket end. 0 for dense f whose (f*)' is
+                   log-convex, alpha - 1 for the alpha family with alpha > 1.
+    """
+
+    name: str = "custom"
+    f_prime_zero: float = -math.inf
+    f_prime_inf: float = math.inf
+    f_zero: float = 1.0
+    newton_power: Optional[float] = None  # None: 0 for dense f, 1 for sparse f
+
+    # ---- the generator ---------------------------------------------------------------------
+    def f(self, u: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def f_prime(self, u: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def conj_grad(self, v: Tensor) -> Tensor:
+        """(f*)'(v) = (f')^{-1}(max(v, f'(0))); zero where the clip is active."""
+        raise NotImplementedError
+
+    def conj_hess(self, v: Tensor) -> Tensor:
+        """(f*)''(v) = 1 / f''((f*)'(v)); zero where the clip at f'(0) is active."""
+        raise NotImplementedError
+
+    def conj_grad_and_hess(self, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Both at once; built-ins share the expensive part (one pow or exp)."""
+        return self.conj_grad(v), self.conj_hess(v)
+
+    def conj(self, v: Tensor) -> Tensor:
+        """f*(v) = u v - f(u) with u = (f*)'(v)."""
+        u = self.conj_grad(v)
+        return u * v - self.f(u)
+
+    def jacobian_weight(self, p: Tensor, q: Union[float, Tensor]) -> Tensor:
+        """s_j = q_j (f*)''(theta_j - tau) = q_j / f''(p_j / q_j), zero off the support.
+
+        The Jacobian of f-softargmax is diag(s) - s s^T / sum(s) (``fdiv_math.md`` 2.6).
+        """
+        v = self.f_prime(p / q)
+        s = q * self.conj_hess(v)
+        return torch.where(p > 0, s, torch.zeros_like(s))
+
+    # ---- derived properties ----------------------------------------------------------------
+    @property
+    def sparse(self) -> bool:
+        """True when f'(0) is finite: f-softargmax then has exact zeros."""
+        return math.isfinite(self.f_prime_zero)
+
+    @property
+    def superlinear(self) -> bool:
+        """True when f'(+inf) = +inf, i.e. (f*)' has no pole."""
+        return not math.isfinite(self.f_prime_inf)
+
+    @property
+    def newton_transform(self) -> float:
+        if self.newton_power is not None:
+            return float(self.newton_power)
+        return 1.0 if self.sparse else 0.0
+
+    def clip_to_domain(self, v: Tensor) -> Tensor:
+        """Arguments of (f*)' kept below its pole f'(+inf) (no-op for super-linear f)."""
+        if self.superlinear:
+            return v
+        return _below_pole(v, self.f_prime_inf)
+
+    def f_prime_scalar(self, u: float) -> float:
+        """f'(u) for a Python float, evaluated in fp64 (bracket ends)."""
+        return float(self.f_prime(torch.tensor(u, dtype=torch.float64)))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, FDivergence) and type(other) is type(self) and other.name == self.name
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, self.name))
+
+    # ---- user-defined generators -----------------------------------------------------------
+    @classmethod
+    def from_functions(
+        cls,
+        name: str,
+        f: Callable[[Tensor], Tensor],
+        f_prime: Callable[[Tensor], Tensor],
+        f_prime_inverse: Callable[[Tensor], Tensor],
+        f_second: Callable[[Tensor], Tensor],
+        *,
+        f_prime_zero: Optional[float] = None,
+        f_prime_inf: float = math.inf,
+        f_zero: Optional[float] = None,
+        newton_power: Optional[float] = None,
+        conj: Optional[Callable[[Tensor], Tensor]] = None,
+    ) -> "FDivergence":
+        """Build a generator from plain functions.
+
+        ``f_prime_inverse`` is (f')^{-1} on the range of f' (the clip at f'(0) is added here) and
+        ``f_second`` is f''. ``f_prime_zero`` / ``f_zero`` default to f'(0) / f(0) evaluated in
+        fp64; ``f_prime_inf`` must be given when f is not super-linear (f'(+inf) < +inf).
+
+        Example: ``FDivergence.from_functions("kl2", lambda u: torch.xlogy(u, u) - u + 1, torch.log,
+        torch.exp, lambda u: 1 / u)``.
+        """
+        zero = torch.zeros((), dtype=torch.float64)
+        fpz = float(f_prime(zero)) if f_prime_zero is None else float(f_prime_zero)
+        fz = float(f(zero)) if f_zero is None else float(f_zero)
+        if math.isnan(fpz) or math.isnan(fz):
+            raise ValueError(
+                f"custom divergence {name!r}: f(0) or f'(0) evaluates to NaN; pass f_zero= and "
+                "f_prime_zero= explicitly (use -inf for f'(0) of a dense generator)."
+            )
+        one = torch.ones((), dtype=torch.float64)
+        if abs(float(f(one))) > 1e-9:
+            raise ValueError(f"custom divergence {name!r}: f(1) must be 0 (got {float(f(one))}).")
+
+        div = cls.__new__(_FunctionDivergence)
+        _FunctionDivergence.__init__(
+            div, name, f, f_prime, f_prime_inverse, f_second, fpz, float(f_prime_inf), fz, newton_power, conj
+        )
+        return div
+
+
+class _FunctionDivergence(FDivergence):
+    def __init__(self, name, f, f_prime, f_prime_inverse, f_second, fpz, fpi, fz, newton_power, conj):
+        self.name = name
+        self._f, self._fp, self._fpi, self._fs, self._conj = f, f_prime, f_prime_inverse, f_second, conj
+        self.f_prime_zero, self.f_prime_inf, self.f_zero = fpz, fpi, fz
+        self.newton_power = newton_power
+
+    def f(self, u):
+        return self._f(u)
+
+    def f_prime(self, u):
+        return self._fp(u)
+
+    def conj_grad(self, v):
+        v = self.clip_to_domain(v)
+        if self.sparse:
+            return torch.where(v > self.f_prime_zero, self._fpi(v.clamp(min=self.f_prime_zero)), torch.zeros_like(v))
+        return self._fpi(v)
+
+    def conj_hess(self, v):
+        u = self.conj_grad(v)
+        h = 1.0 / self._fs(u)
+        return torch.where(u > 0, h, torch.zeros_like(h))
+
+    def conj(self, v):
+        return self._conj(v) if self._conj is not None else super().conj(v)
+
+    def __eq__(self, other):
+        return other is self
+
+    def __hash__(self):
+        return id(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Built-in generators (fdiv_math.md section 3). All normalised: f(1) = f'(1) = 0.
+# ---------------------------------------------------------------------------------------------
+
+
+class KL(FDivergence):
+    """Kullback-Leibler: f(u) = u log u - u + 1. f-softargmax = softmax(theta + log q)."""
+
+    name = "kl"
+    f_prime_zero = -math.inf
+    f_prime_inf = math.inf
+    f_zero = 1.0
+    newton_power = 0.0
+
+    def f(self, u):
+        return torch.xlogy(u, u) - u + 1
+
+    def f_prime(self, u):
+        return torch.log(u)
+
+    def conj_grad(self, v):
+        return torch.exp(v)
+
+    def conj_hess(self, v):
+        return torch.exp(v)
+
+    def conj_grad_and_hess(self, v):
+        e = torch.exp(v)
+        return e, e
+
+    def conj(self, v):
+        return torch.expm1(v)
+
+    def jacobian_weight(self, p, q):
+        return p
+
+
+class ReverseKL(FDivergence):
+    """Reverse KL: f(u) = -log u + u - 1. p_j = q_j / (1 + tau - theta_j) (polynomial tails)."""
+
+    name = "reverse_kl"
+    f_prime_zero = -math.inf
+    f_prime_inf = 1.0
+    f_zero = math.inf
+    newton_power = 0.0
+
+    def f(self, u):
+        return -torch.log(u) + u - 1
+
+    def f_prime(self, u):
+        return 1 - 1 / u
+
+    def conj_grad(self, v):
+        return 1 / (1 - self.clip_to_domain(v))
+
+    def conj_hess(self, v):
+        return self.conj_grad(v) ** 2
+
+    def conj_grad_and_hess(self, v):
+        g = self.conj_grad(v)
+        return g, g * g
+
+    def conj(self, v):
+        return -torch.log1p(-self.clip_to_domain(v))
+
+    def jacobian_weight(self, p, q):
+        return p * p / q
+
+
+class ChiSquare(FDivergence):
+    """Pearson chi-square: f(u) = (u - 1)^2. Unit q: f-softargmax = sparsemax(theta / 2)."""
+
+    name = "chi2"
+    f_prime_zero = -2.0
+    f_prime_inf = math.inf
+    f_zero = 1.0
+    newton_power = 1.0
+
+    def f(self, u):
+        return (u - 1) ** 2
+
+    def f_prime(self, u):
+        return 2 * (u - 1)
+
+    def conj_grad(self, v):
+        return torch.clamp(1 + 0.5 * v, min=0)
+
+    def conj_hess(self, v):
+        return (v > -2.0).to(v.dtype) * 0.5
+
+    def conj_grad_and_hess(self, v):
+        g = torch.clamp(1 + 0.5 * v, min=0)
+        return g, (g > 0).to(v.dtype) * 0.5
+
+    def conj(self, v):
+        u = self.conj_grad(v)
+        return u * u - 1
+
+    def jacobian_weight(self, p, q):
+        return (p > 0).to(p.dtype) * (0.5 * q)
+
+
+class SquaredHellinger(FDivergence):
+    """Squared Hellinger: f(u) = (sqrt(u) - 1)^2. (f*)'(v) = (1 - v)^(-2), v < 1."""
+
+    name = "squared_hellinger"
+    f_prime_zero = -math.inf
+    f_prime_inf = 1.0
+    f_zero = 1.0
+    newton_power = 0.0
+
+    def f(self, u):
+        return (torch.sqrt(u) - 1) ** 2
+
+    def f_prime(self, u):
+        return 1 - torch.rsqrt(u)
+
+    def conj_grad(self, v):
+        return (1 - self.clip_to_domain(v)) ** -2
+
+    def conj_hess(self, v):
+        return 2 * (1 - self.clip_to_domain(v)) ** -3
+
+    def conj_grad_and_hess(self, v):
+        r = 1 / (1 - self.clip_to_domain(v))
+        g = r * r
+        return g, 2 * g * r
+
+    def conj(self, v):
+        v = self.clip_to_domain(v)
+        return v / (1 - v)
+
+    def jacobian_weight(self, p, q):
+        return 2 * q * (p / q) ** 1.5
+
+
+class JensenShannon(FDivergence):
+    """Jensen-Shannon: f(u) = u log u - (u + 1) log((u + 1) / 2). (f*)'(v) = e^v / (2 - e^v)."""
+
+    name = "js"
+    f_prime_zero = -math.inf
+    f_prime_inf = _LOG2
+    f_zero = _LOG2
+    newton_power = 0.0
+
+    def f(self, u):
+        return torch.xlogy(u, u) - (u + 1) * (torch.log1p(u) - _LOG2)
+
+    def f_prime(self, u):
+        # log(2u / (u + 1)) written so that u = inf gives log 2, not log(inf / inf).
+        return _LOG2 - torch.log1p(1 / u)
+
+    def conj_grad(self, v):
+        e = torch.exp(self.clip_to_domain(v))
+        return e / (2 - e)
+
+    def conj_hess(self, v):
+        e = torch.exp(self.clip_to_domain(v))
+        return 2 * e / (2 - e) ** 2
+
+    def conj_grad_and_hess(self, v):
+        e = torch.exp(self.clip_to_domain(v))
+        r = 1 / (2 - e)
+        g = e * r
+        return g, 2 * g * r
+
+    def conj(self, v):
+        return -torch.log(2 - torch.exp(self.clip_to_domain(v)))
+
+    def jacobian_weight(self, p, q):
+        return p * (p + q) / q
+
+
+class AlphaDivergence(FDivergence):
+    """alpha-divergence, alpha > 0, alpha != 1: f(u) = (u^a - 1 - a (u - 1)) / (a (a - 1)).
+
+    (f*)'(v) = (1 + (a - 1) v)_+^(1 / (a - 1)). alpha > 1 is sparse (f'(0) = -1/(alpha - 1)); with
+    unit q the operator is alpha-entmax (alpha = 1.5: entmax15, alpha = 2: sparsemax). alpha < 1 is
+    dense with a pole at v = 1 / (1 - alpha). ``AlphaDivergence(1.0)`` is not allowed: use
+    :class:`KL` (``get_divergence("alpha:1")`` returns KL).
+    """
+
+    def __init__(self, alpha: float):
+        alpha = float(alpha)
+        if not math.isfinite(alpha) or alpha <= 0:
+            raise ValueError(
+                f"alpha-divergence needs a finite alpha > 0, got alpha={alpha}. Use e.g. 'alpha:1.5' "
+                "(entmax15), 'alpha:2' (sparsemax) or 'alpha:0.5' (dense); alpha -> 0 is 'reverse_kl'."
+            )
+        if alpha == 1.0:
+            raise ValueError("alpha = 1 is the KL divergence: use 'kl' (get_divergence('alpha:1') returns it).")
+        self.alpha = alpha
+        self.name = f"alpha:{alpha:g}"
+        a1 = alpha - 1.0
+        self._a1 = a1
+        self._exp = 1.0 / a1  # exponent of (f*)'
+        self.f_prime_zero = -1.0 / a1 if alpha > 1 else -math.inf
+        self.f_prime_inf = math.inf if alpha > 1 else 1.0 / (1.0 - alpha)
+        self.f_zero = 1.0 / alpha
+        self.newton_power = a1 if alpha > 1 else 0.0
+
+    def f(self, u):
+        a = self.alpha
+        return (u**a - 1 - a * (u - 1)) / (a * self._a1)
+
+    def f_prime(self, u):
+        return (u**self._a1 - 1) / self._a1
+
+    def _base(self, v):
+        base = 1 + self._a1 * self.clip_to_domain(v)
+        return torch.clamp(base, min=0)
+
+    @staticmethod
+    def _power(x, e):
+        if e == 2.0:
+            return x * x
+        if e == 1.0:
+            return x
+        if e == 0.5:
+            return torch.sqrt(x)
+        return x**e
+
+    def conj_grad(self, v):
+        return self._power(self._base(v), self._exp)
+
+    def conj_hess(self, v):
+        base = self._base(v)
+        h = self._power(base, self._exp - 1.0)
+        return torch.where(base > 0, h, torch.zeros_like(h))
+
+    def conj_grad_and_hess(self, v):
+        base = self._base(v)
+        e = self._exp
+        if e == 2.0:  # alpha = 1.5: no pow at all
+            return base * base, base
+        if e == 1.0:  # alpha = 2
+            return base, (base > 0).to(base.dtype)
+        g = base**e
+        h = torch.where(base > 0, g / base, torch.zeros_like(g))
+        return g, h
+
+    def conj(self, v):
+        base = self._base(v)
+        return (self._power(base, self.alpha * self._exp) - 1) / self.alpha
+
+    def jacobian_weight(self, p, q):
+        two_minus = 2.0 - self.alpha
+        if isinstance(q, (int, float)) and q == 1.0:
+            s = self._power(p, two_minus) if two_minus > 0 else p ** two_minus
+        else:
+            s = q * self._power(p / q, two_minus) if two_minus > 0 else q * (p / q) ** two_minus
+        return torch.where(p > 0, s, torch.zeros_like(s))
+
+    def __eq__(self, other):
+        return isinstance(other, AlphaDivergence) and other.alpha == self.alpha
+
+    def __hash__(self):
+        return hash(("alpha", self.alpha))
+
+
+# ---------------------------------------------------------------------------------------------
+# Spec strings
+# ---------------------------------------------------------------------------------------------
+
+DivergenceSpec = Union[str, FDivergence]
+
+_NAMED: dict[str, Callable[[], FDivergence]] = {
+    "kl": KL,
+    "reverse_kl": ReverseKL,
+    "chi2": ChiSquare,
+    "squared_hellinger": SquaredHellinger,
+    "js": JensenShannon,
+    "entmax15": lambda: AlphaDivergence(1.5),
+    "sparsemax": lambda: AlphaDivergence(2.0),
+}
+_ALIASES = {
+    "forward_kl": "kl",
+    "cross_entropy": "kl",
+    "softmax": "kl",
+    "reverse-kl": "reverse_kl",
+    "reversekl": "reverse_kl",
+    "pearson": "chi2",
+    "chi_square": "chi2",
+    "chisquare": "chi2",
+    "hellinger": "squared_hellinger",
+    "jensen_shannon": "js",
+    "jsd": "js",
+}
+
+
+def available_divergences() -> list[str]:
+    """The spec strings :func:`get_divergence` understands (plus ``"alpha:<a>"`` for any a > 0)."""
+    return sorted(_NAMED) + ["alpha:<a> (a > 0)"]
+
+
+def get_divergence(spec: DivergenceSpec) -> FDivergence:
+    """Turn a spec (``"kl"``, ``"js"``, ``"alpha:1.5"``, ...) or a generator object into a generator.
+
+    ``"alpha:1"`` returns :class:`KL` (the alpha -> 1 limit). Raises ``ValueError`` listing the known
+    names for an unknown spec.
+    """
+    if isinstance(spec, FDivergence):
+        return spec
+    if isinstance(spec, type) and issubclass(spec, FDivergence):
+        return spec()
+    if not isinstance(spec, str):
+        raise ValueError(
+            f"divergence must be a spec string or an FDivergence, got {type(spec).__name__}. "
+            f"Known names: {', '.join(available_divergences())}."
+        )
+    key = spec.strip().lower().replace(" ", "")
+    key = _ALIASES.get(key, key)
+    if key in _NAMED:
+        return _NAMED[key]()
+    for prefix in ("alpha:", "alpha=", "alpha"):
+        if key.startswith(prefix):
+            rest = key[len(prefix):]
+            try:
+                alpha = float(rest)
+            except ValueError:
+                raise ValueError(
+                    f"could not read alpha from divergence spec {spec!r}: write it like 'alpha:1.5'."
+                ) from None
+            if alpha == 1.0:
+                return KL()
+            return AlphaDivergence(alpha)
+    raise ValueError(
+        f"unknown divergence {spec!r}. Known names: {', '.join(available_divergences())}; "
+        "or pass an FDivergence object (subclass it or use FDivergence.from_functions)."
+    )

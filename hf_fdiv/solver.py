@@ -1,0 +1,523 @@
+"""The f-softargmax solver: p = argmax_{p in simplex} <p, theta> - D_f(p, q), row by row.
+
+For every row, p_j = q_j (f*)'(theta_j - tau) with (f*)'(v) = (f')^{-1}(max(v, f'(0))), and the
+normaliser tau is the root of phi(tau) = sum_j p_j(tau) - 1 (``fdiv_math.md`` section 2).
+
+Algorithm (``solver_design.md`` section 5), all arithmetic in fp32 (fp64 for fp64 inputs):
+
+* rows are shifted by their max (shift invariance) and processed in chunks of
+  ``CHUNK_ELEMENTS`` so that temporaries stay O(chunk x V);
+* KL has a closed form: tau = logsumexp(theta + log q);
+* sparse f (f'(0) finite): solve on the top-K entries of each row and accept when the K-th entry
+  is below the threshold (then the solve is exact for the whole row); otherwise count the
+  candidates theta_j - tau_K > f'(0) and solve on exactly those; dense Newton when there are too many;
+* the root search is a safeguarded Newton method started at the lower bracket end
+  tau_lo = max_j(theta_j - f'(1/q_j)) (phi >= 0 there). Newton runs on a transform of the
+  normalisation equation under which it is monotone and never overshoots: log sum p = 0 for dense
+  f with log-convex (f*)' (KL, JS, Hellinger, reverse KL, alpha < 1) and (sum p)^(alpha-1) = 1 for
+  the alpha family with 1 < alpha <= 2 (exact in one step on a one-element support). Steps that
+  leave the bracket [tau_lo, tau_hi] are replaced by bisection (alpha > 2 needs it). The pass
+  count is capped (``max_iter``) and a chunk stops early once tau is a fixed point;
+* p is renormalised by its sum (the same p is used in forward and backward).
+
+Differentiation never unrolls the iterations: :class:`FSoftargmaxFunction` uses the closed-form
+Jacobian J = diag(s) - s s^T / sum(s), s_j = q_j / f''(p_j / q_j) (zero off the support).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator, Optional, Union
+
+import torch
+from torch import Tensor
+
+from .divergences import KL, DivergenceSpec, FDivergence, get_divergence
+
+__all__ = [
+    "f_softargmax",
+    "f_softmax",
+    "FSoftargmaxFunction",
+    "FSoftmaxFunction",
+    "ReferenceSpec",
+    "RowSolution",
+    "solve_row_chunks",
+    "prepare_reference",
+    "CHUNK_ELEMENTS",
+    "DEFAULT_MAX_ITER",
+    "SPARSE_TOPK",
+]
+
+ReferenceSpec = Union[str, float, Tensor]
+
+#: rows per chunk = max(1, CHUNK_ELEMENTS // V): temporaries stay a few MB, in cache.
+CHUNK_ELEMENTS = 1 << 19
+#: cap on Newton/bisection passes per chunk (Newton needs 1-9 in fp32, bisection fallback more).
+DEFAULT_MAX_ITER = 60
+#: first guess of the support size for sparse f (top-K solve, exact when accepted).
+SPARSE_TOPK = 32
+#: beyond this many candidates per row, sparse f are solved densely.
+SPARSE_MAX_SUPPORT_FRACTION = 0.125
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference measure
+# ---------------------------------------------------------------------------------------------
+
+
+def prepare_reference(
+    reference: ReferenceSpec, logits: Tensor, dim: int = -1
+) -> Union[float, Tensor]:
+    """Validate ``reference`` against ``logits`` and return q with the class axis moved last.
+
+    Returns a Python float for ``"unit"`` (1), ``"uniform"`` (1/V) or a positive number, or a tensor
+    broadcastable to ``logits.movedim(dim, -1)``. A 1-D tensor of length V is a class prior along
+    ``dim``; other tensors are given in the layout of ``logits`` and broadcast against it.
+    """
+    V = logits.shape[dim]
+    if isinstance(reference, str):
+        key = reference.strip().lower()
+        if key in ("unit", "ones", "one"):
+            return 1.0
+        if key == "uniform":
+            return 1.0 / V
+        raise ValueError(
+            f"unknown reference {reference!r}: use 'unit' (all ones; alpha-divergence = alpha-entmax), "
+            "'uniform' (1/V), or a non-negative tensor broadcastable to the logits ([V] or [..., V])."
+        )
+    if isinstance(reference, (int, float)) and not isinstance(reference, bool):
+        if not (math.isfinite(reference) and reference > 0):
+            raise ValueError(f"a scalar reference must be finite and > 0, got {reference}.")
+        return float(reference)
+    if not isinstance(reference, Tensor):
+        raise ValueError(
+            f"reference must be 'unit', 'uniform', a positive number or a tensor, got {type(reference).__name__}."
+        )
+    q = reference
+    if q.dim() == 1:
+        if q.shape[0] != V:
+            raise ValueError(
+                f"reference has {q.shape[0]} entries but the logits have V={V} classes along dim {dim}: "
+                "pass a [V] class prior or a tensor broadcastable to the logits."
+            )
+        q_last = q
+    else:
+        try:
+            shape = torch.broadcast_shapes(q.shape, logits.shape)
+        except RuntimeError:
+            shape = None
+        if shape != tuple(logits.shape) or q.shape[dim] != V:
+            raise ValueError(
+                f"reference of shape {tuple(q.shape)} does not match logits of shape {tuple(logits.shape)}: "
+                f"it must be [V={V}] or broadcastable to the logits with V entries along dim {dim}."
+            )
+        q_last = q.movedim(dim, -1)
+    if not q_last.is_floating_point():
+        q_last = q_last.double() if logits.dtype == torch.float64 else q_last.float()
+    if not bool(torch.isfinite(q_last).all()):
+        raise ValueError("reference contains NaN or inf entries: pass finite, non-negative values.")
+    if bool((q_last < 0).any()):
+        raise ValueError("reference has negative entries: a reference measure must be >= 0 (zero excludes a class).")
+    if bool((q_last.sum(-1) <= 0).any()):
+        raise ValueError(
+            "reference has a row that is all zero: every row needs at least one class with q > 0 "
+            "(a zero excludes that class)."
+        )
+    return q_last.to(device=logits.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Chunked row solutions
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RowSolution:
+    """The solution for one chunk of n rows, in max-shifted coordinates z = theta - max(theta).
+
+    ``index`` is None for a dense solution (``p``, ``z``, ``q`` are [n, V]); otherwise p, z and q
+    are [n, K] values at the columns ``index`` [n, K] and every other column has p = 0 exactly.
+    ``q`` is a Python float when the reference is a constant.
+    """
+
+    rows: slice | Tensor  # rows of the flattened [N, V] input covered by this chunk
+    z_full: Tensor  # [n, V] shifted logits (excluded classes at -inf)
+    row_max: Tensor  # [n]
+    q_full: Union[float, Tensor]  # float, [1, V] or [n, V]
+    tau: Tensor  # [n]
+    p: Tensor
+    z: Tensor
+    q: Union[float, Tensor]
+    index: Optional[Tensor]
+
+    def dense_p(self) -> Tensor:
+        if self.index is None:
+            return self.p
+        out = torch.zeros_like(self.z_full)
+        return out.scatter_(1, self.index, self.p)
+
+    def write_dense(self, out: Tensor) -> None:
+        """Write p into ``out`` ([n, V], any float dtype)."""
+        if self.index is None:
+            out.copy_(self.p)
+        else:
+            out.zero_()
+            out.scatter_(1, self.index, self.p.to(out.dtype))
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _q_rows(q: Union[float, Tensor], rows, n: int, V: int, dtype) -> Union[float, Tensor]:
+    """Slice of the reference for a chunk of rows: float, [1, V] or [n, V]."""
+    if not isinstance(q, Tensor):
+        return q
+    if q.dim() == 1:
+        return q.to(dtype).view(1, V)
+    q2 = q.reshape(-1, V) if q.shape[:-1].numel() > 1 else q.reshape(1, V)
+    if q2.shape[0] == 1:
+        return q2.to(dtype)
+    if isinstance(rows, slice):
+        return q2[rows].to(dtype)
+    return q2.index_select(0, rows).to(dtype)
+
+
+def _gather_q(q: Union[float, Tensor], index: Tensor) -> Union[float, Tensor]:
+    if not isinstance(q, Tensor):
+        return q
+    if q.shape[0] == 1:
+        return q.expand(index.shape[0], -1).gather(1, index)
+    return q.gather(1, index)
+
+
+def _scaled_sums(g: Tensor, h: Tensor, q: Union[float, Tensor]) -> tuple[Tensor, Tensor]:
+    if isinstance(q, Tensor):
+        return (g * q).sum(1), (h * q).sum(1)
+    return g.sum(1) * q, h.sum(1) * q
+
+
+def _bracket(z: Tensor, q: Union[float, Tensor], div: FDivergence) -> tuple[Tensor, Tensor]:
+    """[tau_lo, tau_hi] with phi(tau_lo) >= 0 >= phi(tau_hi) (fdiv_math.md 2.2, tighter lower end)."""
+    n = z.shape[0]
+    if isinstance(q, Tensor):
+        qf = q.expand_as(z) if q.shape[0] == 1 and n > 1 else q
+        # max_j (z_j - f'(1/q_j)); excluded classes have z = -inf.
+        fp = div.f_prime(1.0 / qf)
+        lo = (z - fp).amax(1)
+        qsum = qf.sum(1)
+        hi = -div.f_prime(1.0 / qsum)
+    else:
+        V = z.shape[1]
+        lo = torch.full((n,), -div.f_prime_scalar(1.0 / q), dtype=z.dtype, device=z.device)
+        # z_max = 0 in shifted coordinates: tau_lo = -f'(1/q), tau_hi = -f'(1 / sum q).
+        hi = torch.full((n,), -div.f_prime_scalar(1.0 / (q * V)), dtype=z.dtype, device=z.device)
+    hi = torch.maximum(hi, lo)
+    return lo, hi
+
+
+def _newton(
+    z: Tensor, q: Union[float, Tensor], div: FDivergence, lo: Tensor, hi: Tensor, max_iter: int
+) -> tuple[Tensor, Optional[Tensor]]:
+    """Safeguarded Newton from tau_lo. Returns tau and, when converged exactly, the unnormalised
+    p at tau (saves one pass)."""
+    r = div.newton_transform
+    tau = lo.clone()
+    lo = lo.clone()
+    hi = hi.clone()
+    for _ in range(max_iter):
+        v = z - tau[:, None]
+        g, h = div.conj_grad_and_hess(v)
+        S, Sd = _scaled_sums(g, h, q)
+        lo = torch.where(S >= 1, tau, lo)
+        hi = torch.where(S <= 1, tau, hi)
+        logS = torch.log(S)
+        if r == 0.0:
+            step = S * logS / Sd
+        else:
+            step = S * (-torch.expm1(-r * logS)) / (r * Sd)
+        new = tau + step
+        bad = ~((new >= lo) & (new <= hi))  # also catches NaN
+        new = torch.where(bad, 0.5 * (lo + hi), new)
+        new = torch.where(S == 1, tau, new)
+        if torch.equal(new, tau):
+            pk = g * q if isinstance(q, Tensor) else (g if q == 1.0 else g * q)
+            return tau, pk
+        tau = new
+    return tau, None
+
+
+def _p_at(z: Tensor, q: Union[float, Tensor], div: FDivergence, tau: Tensor, p_unnorm: Optional[Tensor]) -> Tensor:
+    if p_unnorm is None:
+        g = div.conj_grad(z - tau[:, None])
+        p_unnorm = g * q if isinstance(q, Tensor) else (g if q == 1.0 else g * q)
+    s = p_unnorm.sum(1, keepdim=True)
+    return p_unnorm / s
+
+
+def _solve_kl(z: Tensor, q: Union[float, Tensor]) -> tuple[Tensor, Tensor]:
+    """KL closed form: p = softmax(z + log q), tau = logsumexp(z + log q)."""
+    if isinstance(q, Tensor):
+        zl = z + torch.log(q)
+        tau = torch.logsumexp(zl, 1)
+        p = torch.exp(zl - tau[:, None])
+        return tau, p
+    tau = torch.logsumexp(z, 1)
+    p = torch.softmax(z, 1)
+    return tau + math.log(q), p
+
+
+def _solve_sparse(z, q, div, max_iter, topk):
+    """Sparse f: solve on the top-K entries, verify exactness, widen or fall back to dense."""
+    n, V = z.shape
+    thr0 = div.f_prime_zero
+    K = min(V, topk)
+    lo_full = None
+    if K < V:
+        vals, idx = z.topk(K, dim=1, sorted=False)
+        qk = _gather_q(q, idx)
+        lo, hi = _bracket(vals, qk, div)
+        tau, pk = _newton(vals, qk, div, lo, hi, max_iter)
+        # Exact for the whole row iff every left-out entry is clipped: z_j - tau <= f'(0).
+        if bool((vals.amin(1) - tau <= thr0).all()):
+            return tau, _p_at(vals, qk, div, tau, pk), vals, qk, idx
+        lo_full = tau  # tau on a subset is a valid lower bound for the full row
+        counts = (z > (tau + thr0)[:, None]).sum(1)
+        K1 = int(counts.max())
+        if K1 <= max(K, int(SPARSE_MAX_SUPPORT_FRACTION * V)) and K1 < V:
+            vals, idx = z.topk(K1, dim=1, sorted=False)
+            qk = _gather_q(q, idx)
+            _, hi = _bracket(vals, qk, div)
+            tau, pk = _newton(vals, qk, div, lo_full, torch.maximum(hi, lo_full), max_iter)
+            return tau, _p_at(vals, qk, div, tau, pk), vals, qk, idx
+    lo, hi = _bracket(z, q, div)
+    if lo_full is not None:
+        lo = torch.maximum(lo, lo_full)
+        hi = torch.maximum(hi, lo)
+    tau, pk = _newton(z, q, div, lo, hi, max_iter)
+    return tau, _p_at(z, q, div, tau, pk), z, q, None
+
+
+def _check_row_max(m: Tensor) -> None:
+    bad = ~torch.isfinite(m)
+    if bool(bad.any()):
+        k = int(bad.sum())
+        raise ValueError(
+            f"{k} row(s) of logits have no finite maximum (a NaN or +inf entry, or every class at -inf / "
+            "excluded by a zero reference). f-softargmax needs at least one finite logit per row and no "
+            "NaN/+inf; mask classes with -inf, not NaN."
+        )
+
+
+def solve_row_chunks(
+    x: Tensor,
+    q: Union[float, Tensor],
+    div: FDivergence,
+    *,
+    rows: Optional[Tensor] = None,
+    max_iter: int = DEFAULT_MAX_ITER,
+    topk: int = SPARSE_TOPK,
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> Iterator[RowSolution]:
+    """The one place that owns chunking: solve f-softargmax for the rows of ``x`` [N, V].
+
+    ``q`` comes from :func:`prepare_reference` (float, [V] or [..., V] with N rows after reshape).
+    ``rows`` (optional LongTensor) restricts the solve to those rows (e.g. non-ignored targets).
+    Yields a :class:`RowSolution` per chunk, in row order.
+    """
+    N, V = x.shape
+    cdt = _compute_dtype(x.dtype)
+    step = max(1, chunk_elements // max(V, 1))
+    total = N if rows is None else rows.numel()
+    is_kl = isinstance(div, KL)
+    for a in range(0, total, step):
+        b = min(total, a + step)
+        if rows is None:
+            sel = slice(a, b)
+            z = x[sel].to(cdt, copy=True)
+        else:
+            sel = rows[a:b]
+            z = x.index_select(0, sel).to(cdt)
+        n = z.shape[0]
+        qc = _q_rows(q, sel, n, V, cdt)
+        if isinstance(qc, Tensor):
+            # Zero reference excludes the class (exact perspective limit for super-linear f).
+            z.masked_fill_(qc == 0, -math.inf)
+        m = z.amax(1)
+        _check_row_max(m)
+        z.sub_(m[:, None])
+        if is_kl:
+            tau, p = _solve_kl(z, qc)
+            sol = RowSolution(sel, z, m, qc, tau, p, z, qc, None)
+        elif div.sparse:
+            tau, p, zs, qs, idx = _solve_sparse(z, qc, div, max_iter, topk)
+            sol = RowSolution(sel, z, m, qc, tau, p, zs, qs, idx)
+        else:
+            lo, hi = _bracket(z, qc, div)
+            tau, pk = _newton(z, qc, div, lo, hi, max_iter)
+            sol = RowSolution(sel, z, m, qc, tau, _p_at(z, qc, div, tau, pk), z, qc, None)
+        yield sol
+
+
+# ---------------------------------------------------------------------------------------------
+# Operators
+# ---------------------------------------------------------------------------------------------
+
+
+def _jvp_rows(div: FDivergence, p: Tensor, q: Union[float, Tensor], g: Tensor) -> Tensor:
+    """J^T g = s * (g - <s, g> / <s, 1>) for J = diag(s) - s s^T / sum(s)."""
+    s = div.jacobian_weight(p, q)
+    ssum = s.sum(1, keepdim=True)
+    sg = (s * g).sum(1, keepdim=True)
+    return s * (g - sg / ssum)
+
+
+class FSoftargmaxFunction(torch.autograd.Function):
+    """p = f-softargmax(x; q) over the last axis of x [N, V]; VJP from the closed-form Jacobian."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, q, div: FDivergence, max_iter: int):
+        out = torch.empty_like(x)
+        for sol in solve_row_chunks(x, q, div, max_iter=max_iter):
+            sol.write_dense(out[sol.rows])
+        ctx.div = div
+        ctx.q = q
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        (p,) = ctx.saved_tensors
+        div, q = ctx.div, ctx.q
+        N, V = p.shape
+        cdt = _compute_dtype(p.dtype)
+        dx = torch.empty_like(p)
+        step = max(1, CHUNK_ELEMENTS // max(V, 1))
+        for a in range(0, N, step):
+            sl = slice(a, min(N, a + step))
+            qc = _q_rows(q, sl, sl.stop - sl.start, V, cdt)
+            dx[sl] = _jvp_rows(div, p[sl].to(cdt), qc, grad_out[sl].to(cdt))
+        return dx, None, None, None
+
+
+class FSoftmaxFunction(torch.autograd.Function):
+    """Value max_p <p, x> - D_f(p, q) per row of x [N, V]; its gradient is p."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, q, div: FDivergence, max_iter: int):
+        N, V = x.shape
+        value = torch.empty(N, dtype=_compute_dtype(x.dtype), device=x.device)
+        p_out = torch.empty_like(x) if x.requires_grad else None
+        for sol in solve_row_chunks(x, q, div, max_iter=max_iter):
+            value[sol.rows] = sol.row_max + _value_shifted(sol, div)
+            if p_out is not None:
+                sol.write_dense(p_out[sol.rows])
+        if p_out is not None:
+            ctx.save_for_backward(p_out)
+        return value.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        (p,) = ctx.saved_tensors
+        return grad_out[:, None].to(p.dtype) * p, None, None, None
+
+
+def _q_total(q: Union[float, Tensor], z_full: Tensor) -> Tensor:
+    if isinstance(q, Tensor):
+        return q.expand_as(z_full).sum(1) if q.shape[0] == 1 else q.sum(1)
+    return torch.full((z_full.shape[0],), q * z_full.shape[1], dtype=z_full.dtype, device=z_full.device)
+
+
+def _value_shifted(sol: RowSolution, div: FDivergence) -> Tensor:
+    """<p, z> - D_f(p, q) for a chunk (z max-shifted), summed over the support only."""
+    p, z, q = sol.p, sol.z, sol.q
+    pos = p > 0
+    qf = q if isinstance(q, Tensor) else torch.full_like(p, q)
+    qf = qf.expand_as(p)
+    ratio = torch.where(pos, p / qf, torch.ones_like(p))
+    fpq = torch.where(pos, qf * div.f(ratio), torch.zeros_like(p))
+    lin = torch.where(pos, p * z, torch.zeros_like(p))
+    q_on_support = torch.where(pos, qf, torch.zeros_like(p)).sum(1)
+    q_off = _q_total(sol.q_full, sol.z_full) - q_on_support
+    if math.isinf(div.f_zero):
+        # f(0) = +inf: any class with q > 0 and p = 0 makes D_f infinite.
+        off = torch.where(q_off > 1e-12 * _q_total(sol.q_full, sol.z_full), -math.inf, 0.0)
+    else:
+        off = -div.f_zero * q_off.clamp(min=0)
+    return lin.sum(1) - fpq.sum(1) + off
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+
+
+def _as_rows(logits: Tensor, dim: int) -> tuple[Tensor, tuple[int, ...]]:
+    if not isinstance(logits, Tensor) or not logits.is_floating_point():
+        raise ValueError("logits must be a floating-point tensor.")
+    if logits.dim() == 0:
+        raise ValueError("logits must have at least one dimension (the classes).")
+    moved = logits.movedim(dim, -1)
+    shape = tuple(moved.shape)
+    if shape[-1] == 0:
+        raise ValueError("logits have zero classes along the class dimension.")
+    return moved.reshape(-1, shape[-1]), shape
+
+
+def _q_for_rows(q, shape: tuple[int, ...]):
+    """Reference as a float, a [V] prior, or [N, V] rows matching the flattened logits."""
+    if isinstance(q, Tensor) and q.dim() > 1:
+        if q.shape[:-1].numel() == 1:
+            return q.reshape(shape[-1])
+        return q.expand(shape).reshape(-1, shape[-1])
+    return q
+
+
+def f_softargmax(
+    logits: Tensor,
+    divergence: DivergenceSpec = "alpha:1.5",
+    reference: ReferenceSpec = "unit",
+    dim: int = -1,
+    max_iter: int = DEFAULT_MAX_ITER,
+) -> Tensor:
+    """f-softargmax: argmax_{p in simplex} <p, logits> - D_f(p, q) along ``dim``.
+
+    Args:
+        logits: float tensor of any shape [..., V, ...]; bf16/fp16 are solved in fp32.
+        divergence: spec string (``"kl"``, ``"alpha:1.5"``, ``"js"``, ...) or an FDivergence.
+        reference: ``"unit"`` (q = 1), ``"uniform"`` (q = 1/V), a positive number, or a non-negative
+            tensor ([V] class prior or broadcastable to the logits); q_j = 0 excludes class j.
+        dim: the class dimension.
+        max_iter: cap on root-search passes per chunk.
+
+    Returns:
+        p with the shape and dtype of ``logits``: p >= 0, sums to 1 along ``dim``; KL with unit q is
+        ``torch.softmax``, alpha = 1.5 is entmax15, alpha = 2 is sparsemax, chi2 is sparsemax(logits/2).
+        Differentiable w.r.t. ``logits`` (closed-form Jacobian); ``reference`` gets no gradient.
+    """
+    div = get_divergence(divergence)
+    q = prepare_reference(reference, logits, dim)
+    x, shape = _as_rows(logits, dim)
+    p = FSoftargmaxFunction.apply(x, _q_for_rows(q, shape), div, int(max_iter))
+    return p.reshape(shape).movedim(-1, dim)
+
+
+def f_softmax(
+    logits: Tensor,
+    divergence: DivergenceSpec = "alpha:1.5",
+    reference: ReferenceSpec = "unit",
+    dim: int = -1,
+    max_iter: int = DEFAULT_MAX_ITER,
+) -> Tensor:
+    """f-softmax value max_{p in simplex} <p, logits> - D_f(p, q) along ``dim`` (log-sum-exp analogue).
+
+    KL with unit q gives logsumexp(logits) + 1 - V (the normalised KL generator keeps the constant
+    1 - sum q). The gradient w.r.t. ``logits`` is :func:`f_softargmax`. Returns a tensor shaped like
+    ``logits`` without ``dim``.
+    """
+    div = get_divergence(divergence)
+    q = prepare_reference(reference, logits, dim)
+    x, shape = _as_rows(logits, dim)
+    v = FSoftmaxFunction.apply(x, _q_for_rows(q, shape), div, int(max_iter))
+    return v.reshape(shape[:-1])
