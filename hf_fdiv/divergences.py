@@ -78,6 +78,8 @@ class FDivergence:
     f_prime_inf: float = math.inf
     f_zero: float = 1.0
     newton_power: Optional[float] = None  # None: 0 for dense f, 1 for sparse f
+    #: True when ``bregman_to_zero(0)`` evaluates to exactly 0 (lets the loss skip a mask pass).
+    bregman_zero_safe: bool = False
 
     # ---- the generator ---------------------------------------------------------------------
     def f(self, u: Tensor) -> Tensor:
@@ -97,6 +99,39 @@ class FDivergence:
     def conj_grad_and_hess(self, v: Tensor) -> tuple[Tensor, Tensor]:
         """Both at once; built-ins share the expensive part (one pow or exp)."""
         return self.conj_grad(v), self.conj_hess(v)
+
+    # ---- hot loop of the root search -------------------------------------------------------
+    # The solver evaluates (f*)' and (f*)'' at v = z - tau for many tau and a fixed row z. A generator
+    # can precompute a per-element quantity P(z) once so that each evaluation is cheaper (JS: one
+    # multiply instead of an exp). Defaults: P = z.
+    def newton_prepare(self, z: Tensor) -> Tensor:
+        return z
+
+    def newton_eval(self, prepared: Tensor, tau: Tensor) -> tuple[Tensor, Tensor]:
+        """((f*)'(z - tau), (f*)''(z - tau)) from ``newton_prepare(z)``; tau is [n, 1]."""
+        return self.conj_grad_and_hess(prepared - tau)
+
+    def newton_eval_grad(self, prepared: Tensor, tau: Tensor) -> Tensor:
+        return self.conj_grad(prepared - tau)
+
+    def newton_sums(self, prepared: Tensor, tau: Tensor, q) -> tuple[Tensor, Tensor, Tensor]:
+        """(S, S', g): S = sum_j q_j (f*)'(z_j - tau), S' = sum_j q_j (f*)''(z_j - tau), g = (f*)'(z - tau)."""
+        g, h = self.newton_eval(prepared, tau)
+        if isinstance(q, Tensor):
+            q = q.expand_as(g)
+            return torch.linalg.vecdot(g, q), torch.linalg.vecdot(h, q), g
+        return g.sum(1) * q, h.sum(1) * q, g
+
+    # ---- loss value --------------------------------------------------------------------------
+    def bregman_to_zero(self, u: Tensor) -> Tensor:
+        """c(u) = f(0) - f(u) + u f'(u) = B_f(0, u) >= 0, the per-class term of the loss value.
+
+        At the solution, f*(theta_j - tau) = c(u_j) - f(0) with u_j = p_j / q_j, so the f-softmax value
+        is tau + sum_j q_j c(u_j) - f(0) sum_j q_j with no cancellation between large terms. When
+        f(0) = +inf the f(0) terms are dropped: c(u) = u f'(u) - f(u). Only called with u > 0.
+        """
+        c = u * self.f_prime(u) - self.f(u)
+        return c if math.isinf(self.f_zero) else c + self.f_zero
 
     def conj(self, v: Tensor) -> Tensor:
         """f*(v) = u v - f(u) with u = (f*)'(v)."""
@@ -239,6 +274,7 @@ class KL(FDivergence):
     f_prime_inf = math.inf
     f_zero = 1.0
     newton_power = 0.0
+    bregman_zero_safe = True
 
     def f(self, u):
         return torch.xlogy(u, u) - u + 1
@@ -261,6 +297,9 @@ class KL(FDivergence):
 
     def jacobian_weight(self, p, q):
         return p
+
+    def bregman_to_zero(self, u):
+        return u
 
 
 class ReverseKL(FDivergence):
@@ -294,6 +333,9 @@ class ReverseKL(FDivergence):
     def jacobian_weight(self, p, q):
         return p * p / q
 
+    def bregman_to_zero(self, u):
+        return torch.log(u)  # f(0) = +inf dropped
+
 
 class ChiSquare(FDivergence):
     """Pearson chi-square: f(u) = (u - 1)^2. Unit q: f-softargmax = sparsemax(theta / 2)."""
@@ -303,6 +345,7 @@ class ChiSquare(FDivergence):
     f_prime_inf = math.inf
     f_zero = 1.0
     newton_power = 1.0
+    bregman_zero_safe = True
 
     def f(self, u):
         return (u - 1) ** 2
@@ -327,6 +370,9 @@ class ChiSquare(FDivergence):
     def jacobian_weight(self, p, q):
         return (p > 0).to(p.dtype) * (0.5 * q)
 
+    def bregman_to_zero(self, u):
+        return u * u
+
 
 class SquaredHellinger(FDivergence):
     """Squared Hellinger: f(u) = (sqrt(u) - 1)^2. (f*)'(v) = (1 - v)^(-2), v < 1."""
@@ -336,6 +382,7 @@ class SquaredHellinger(FDivergence):
     f_prime_inf = 1.0
     f_zero = 1.0
     newton_power = 0.0
+    bregman_zero_safe = True
 
     def f(self, u):
         return (torch.sqrt(u) - 1) ** 2
@@ -361,6 +408,9 @@ class SquaredHellinger(FDivergence):
     def jacobian_weight(self, p, q):
         return 2 * q * (p / q) ** 1.5
 
+    def bregman_to_zero(self, u):
+        return torch.sqrt(u)
+
 
 class JensenShannon(FDivergence):
     """Jensen-Shannon: f(u) = u log u - (u + 1) log((u + 1) / 2). (f*)'(v) = e^v / (2 - e^v)."""
@@ -370,6 +420,7 @@ class JensenShannon(FDivergence):
     f_prime_inf = _LOG2
     f_zero = _LOG2
     newton_power = 0.0
+    bregman_zero_safe = True
 
     def f(self, u):
         return torch.xlogy(u, u) - (u + 1) * (torch.log1p(u) - _LOG2)
@@ -395,8 +446,36 @@ class JensenShannon(FDivergence):
     def conj(self, v):
         return -torch.log(2 - torch.exp(self.clip_to_domain(v)))
 
+    # (f*)'(v) = 1 / (2 e^{-v} - 1): with P = e^{-z}, 2 e^{-(z - tau)} = 2 e^{tau} P, so each Newton
+    # pass is a multiply and a reciprocal; (f*)'' = g (1 + g). P = +inf (z << 0) gives g = 0 exactly.
+    def newton_prepare(self, z):
+        return torch.exp(-z)
+
+    def _d(self, prepared, tau):
+        d = torch.addcmul(prepared.new_full((1, 1), -1.0), prepared, 2 * torch.exp(tau))
+        return d.clamp_(min=1e-30)  # d > 0 <=> below the pole v < log 2
+
+    def newton_eval(self, prepared, tau):
+        g = self._d(prepared, tau).reciprocal_()
+        return g, g * (1 + g)
+
+    def newton_sums(self, prepared, tau, q):
+        g = self._d(prepared, tau).reciprocal_()
+        if isinstance(q, Tensor):
+            gq = g * q
+            S = gq.sum(1)
+            return S, S + torch.linalg.vecdot(gq, g), g
+        S = g.sum(1)
+        return S * q, (S + torch.linalg.vecdot(g, g)) * q, g
+
+    def newton_eval_grad(self, prepared, tau):
+        return self._d(prepared, tau).reciprocal_()
+
     def jacobian_weight(self, p, q):
         return p * (p + q) / q
+
+    def bregman_to_zero(self, u):
+        return torch.log1p(u)
 
 
 class AlphaDivergence(FDivergence):
@@ -426,6 +505,7 @@ class AlphaDivergence(FDivergence):
         self.f_prime_inf = math.inf if alpha > 1 else 1.0 / (1.0 - alpha)
         self.f_zero = 1.0 / alpha
         self.newton_power = a1 if alpha > 1 else 0.0
+        self.bregman_zero_safe = True
 
     def f(self, u):
         a = self.alpha
@@ -478,6 +558,9 @@ class AlphaDivergence(FDivergence):
         else:
             s = q * self._power(p / q, two_minus) if two_minus > 0 else q * (p / q) ** two_minus
         return torch.where(p > 0, s, torch.zeros_like(s))
+
+    def bregman_to_zero(self, u):
+        return self._power(u, self.alpha) / self.alpha if self.alpha != 1.5 else u * torch.sqrt(u) / 1.5
 
     def __eq__(self, other):
         return isinstance(other, AlphaDivergence) and other.alpha == self.alpha

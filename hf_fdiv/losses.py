@@ -34,6 +34,7 @@ from .solver import (
     _q_for_rows,
     prepare_reference,
     solve_row_chunks,
+    sum_q_bregman,
 )
 
 __all__ = ["fdiv_loss", "FDivLoss", "causal_lm_fdiv_loss"]
@@ -46,13 +47,6 @@ _REDUCTIONS = ("mean", "sum", "none")
 # ---------------------------------------------------------------------------------------------
 
 
-def _f0_term(div: FDivergence, q):
-    """q_j f(0), or 0 when f(0) = +inf (the dropped infinite constant)."""
-    if math.isinf(div.f_zero):
-        return 0.0
-    return q * div.f_zero
-
-
 def _gather_row_q(q_full, c: Tensor, like: Tensor):
     if not isinstance(q_full, Tensor):
         return torch.full_like(like, q_full)
@@ -62,8 +56,11 @@ def _gather_row_q(q_full, c: Tensor, like: Tensor):
 
 
 def _onehot_value(sol: RowSolution, c: Tensor, div: FDivergence) -> Tensor:
-    """l_f(theta, e_c; q) for a chunk; sums over the support of p plus the target class."""
-    z_c = sol.z_full.gather(1, c[:, None]).squeeze(1)
+    """l_f(theta, e_c; q) = tau + sum_j q_j c(p_j/q_j) - z_c + q_c f(1/q_c) - q_c f(0).
+
+    (dual value with the f(0) constants of f-softmax and D_f(e_c, q) cancelled analytically; the sum
+    runs over the support of p only and has no large cancelling terms)."""
+    z_c = sol.z_at(c)
     if bool(torch.isinf(z_c).any()):
         raise ValueError(
             "a target class has logit -inf or reference q = 0 (it is excluded), so the loss is infinite: "
@@ -73,40 +70,33 @@ def _onehot_value(sol: RowSolution, c: Tensor, div: FDivergence) -> Tensor:
     if isinstance(div, KL):
         # CE(theta + log q, c) = tau - (z_c + log q_c), tau = logsumexp(z + log q).
         return sol.tau - z_c - torch.log(q_c)
-    p, z, q = sol.p, sol.z, sol.q
-    pos = p > 0
-    qf = q if isinstance(q, Tensor) else q
-    ratio = torch.where(pos, p / qf, torch.ones_like(p))
-    b = qf * div.f(ratio)
-    term = torch.where(pos, p * z + _f0_term(div, qf) - b, torch.zeros_like(p)).sum(1)
-    corr = -z_c + q_c * div.f(1.0 / q_c) - _f0_term(div, q_c)
-    return term + corr
+    value = sol.tau + sum_q_bregman(sol.p, sol.q, div) - z_c + q_c * div.f(1.0 / q_c)
+    if not math.isinf(div.f_zero):
+        value = value - q_c * div.f_zero
+    return value
 
 
 def _soft_value(p: Tensor, y: Tensor, sol: RowSolution, div: FDivergence) -> Tensor:
-    """l_f(theta, y; q) for a chunk with dense targets y [n, V]."""
-    z, q = sol.z_full, sol.q_full
-    if bool((torch.isinf(z) & (y > 0)).any()):
+    """l_f(theta, y; q) = tau + sum_j q_j c(p_j/q_j) - <y, z> + sum_j q_j [f(y_j/q_j) - f(0)]."""
+    z, q = sol.z_dense(), sol.q_full
+    pos_y = y > 0
+    if bool((torch.isinf(z) & pos_y).any()):
         raise ValueError(
             "the target distribution puts mass on a class with logit -inf or reference q = 0, so the loss is "
             "infinite: give those classes zero target mass."
         )
-    a0 = _f0_term(div, q)
-    pos_p, pos_y = p > 0, y > 0
-    a = torch.where(pos_y, q * div.f(torch.where(pos_y, y / q, torch.ones_like(y))), a0)
-    b = torch.where(pos_p, q * div.f(torch.where(pos_p, p / q, torch.ones_like(p))), a0)
-    lin = torch.where(pos_p | pos_y, (p - y) * z, torch.zeros_like(p))
-    return (lin + a - b).sum(1)
+    f0 = 0.0 if math.isinf(div.f_zero) else div.f_zero
+    qf = q.expand_as(y) if isinstance(q, Tensor) else q
+    dy = torch.where(pos_y, qf * (div.f(torch.where(pos_y, y / qf, torch.ones_like(y))) - f0), torch.zeros_like(y))
+    yz = torch.where(pos_y, y * z, torch.zeros_like(y))
+    return sol.tau + sum_q_bregman(p, sol.q, div) - yz.sum(1) + dy.sum(1)
 
 
-def _write_onehot_grad(sol: RowSolution, c: Tensor, out: Tensor) -> None:
-    """out = p - e_c, with p_c - 1 formed in fp32 before the cast (no bf16 cancellation)."""
-    sol.write_dense(out)
+def _target_prob(sol: RowSolution, c: Tensor) -> Tensor:
+    """p_c per row, in the compute dtype."""
     if sol.index is None:
-        p_c = sol.p.gather(1, c[:, None])
-    else:
-        p_c = (sol.p * (sol.index == c[:, None])).sum(1, keepdim=True)
-    out.scatter_(1, c[:, None], (p_c - 1).to(out.dtype))
+        return sol.p.gather(1, c[:, None]).squeeze(1)
+    return (sol.p * (sol.index == c[:, None])).sum(1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,6 +119,7 @@ class FDivLossFunction(torch.autograd.Function):
         need_grad = ctx.needs_input_grad[0]
         losses = torch.zeros(N, dtype=cdt, device=x.device)
         is_ids = not target.is_floating_point()
+        onehot = is_ids and label_smoothing == 0.0
         rows = None
         if is_ids:
             valid = target != ignore_index
@@ -138,21 +129,23 @@ class FDivLossFunction(torch.autograd.Function):
         if need_grad:
             grad = torch.zeros_like(x) if rows is not None else torch.empty_like(x)
         if rows is None or rows.numel() > 0:
-            for sol in solve_row_chunks(x, q, div, rows=rows, max_iter=max_iter):
-                if is_ids and label_smoothing == 0.0:
+            # One-hot targets: the solver writes p straight into the gradient buffer.
+            out = grad if onehot else None
+            for sol in solve_row_chunks(x, q, div, rows=rows, out=out, max_iter=max_iter):
+                if onehot:
                     c = target[sol.rows]
                     loss_c = _onehot_value(sol, c, div)
                     if grad is not None:
+                        # p_c - 1 formed in the compute dtype, then cast (no bf16 cancellation).
+                        g_c = (_target_prob(sol, c) - 1).to(x.dtype)
                         if isinstance(sol.rows, slice):
-                            _write_onehot_grad(sol, c, grad[sol.rows])
+                            grad[sol.rows].scatter_(1, c[:, None], g_c[:, None])
                         else:
-                            buf = torch.empty(sol.z_full.shape, dtype=x.dtype, device=x.device)
-                            _write_onehot_grad(sol, c, buf)
-                            grad.index_copy_(0, sol.rows, buf)
+                            grad.index_put_((sol.rows, c), g_c)
                 else:
                     if is_ids:
                         c = target[sol.rows]
-                        y = torch.full_like(sol.z_full, label_smoothing / V)
+                        y = torch.full(sol.x_rows.shape, label_smoothing / V, dtype=cdt, device=x.device)
                         y.scatter_add_(1, c[:, None], torch.full_like(y[:, :1], 1.0 - label_smoothing))
                     else:
                         y = target[sol.rows].to(cdt)
@@ -165,7 +158,7 @@ class FDivLossFunction(torch.autograd.Function):
                             grad.index_copy_(0, sol.rows, (p - y).to(x.dtype))
                 losses[sol.rows] = loss_c
         ctx.grad_buffer = grad
-        return losses.to(x.dtype) if x.dtype == torch.float64 else losses
+        return losses
 
     @staticmethod
     def backward(ctx, grad_losses):

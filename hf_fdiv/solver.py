@@ -52,7 +52,7 @@ __all__ = [
 ReferenceSpec = Union[str, float, Tensor]
 
 #: rows per chunk = max(1, CHUNK_ELEMENTS // V): temporaries stay a few MB, in cache.
-CHUNK_ELEMENTS = 1 << 19
+CHUNK_ELEMENTS = 1 << 21
 #: cap on Newton/bisection passes per chunk (Newton needs 1-9 in fp32, bisection fallback more).
 DEFAULT_MAX_ITER = 60
 #: first guess of the support size for sparse f (top-K solve, exact when accepted).
@@ -138,29 +138,40 @@ class RowSolution:
 
     ``index`` is None for a dense solution (``p``, ``z``, ``q`` are [n, V]); otherwise p, z and q
     are [n, K] values at the columns ``index`` [n, K] and every other column has p = 0 exactly.
-    ``q`` is a Python float when the reference is a constant.
+    ``q`` is a Python float when the reference is a constant. Tensors may live in a workspace that
+    the next chunk reuses: consume a solution before advancing the iterator.
     """
 
-    rows: slice | Tensor  # rows of the flattened [N, V] input covered by this chunk
-    z_full: Tensor  # [n, V] shifted logits (excluded classes at -inf)
-    row_max: Tensor  # [n]
+    rows: Union[slice, Tensor]  # rows of the flattened [N, V] input covered by this chunk
+    x_rows: Tensor  # [n, V] raw logits of these rows (input dtype; excluded classes at -inf)
+    row_max: Tensor  # [n], compute dtype
     q_full: Union[float, Tensor]  # float, [1, V] or [n, V]
-    tau: Tensor  # [n]
+    tau: Tensor  # [n], in shifted coordinates
     p: Tensor
-    z: Tensor
+    z: Optional[Tensor]  # None when dense and not materialised (KL written straight to ``out``)
     q: Union[float, Tensor]
     index: Optional[Tensor]
+
+    def z_at(self, cols: Tensor) -> Tensor:
+        """Shifted logits at one column per row (``cols`` [n]), compute dtype."""
+        return self.x_rows.gather(1, cols[:, None]).squeeze(1).to(self.row_max.dtype) - self.row_max
+
+    def z_dense(self) -> Tensor:
+        if self.index is None and self.z is not None:
+            return self.z
+        return self.x_rows.to(self.row_max.dtype) - self.row_max[:, None]
 
     def dense_p(self) -> Tensor:
         if self.index is None:
             return self.p
-        out = torch.zeros_like(self.z_full)
+        out = torch.zeros(self.x_rows.shape, dtype=self.p.dtype, device=self.p.device)
         return out.scatter_(1, self.index, self.p)
 
     def write_dense(self, out: Tensor) -> None:
         """Write p into ``out`` ([n, V], any float dtype)."""
         if self.index is None:
-            out.copy_(self.p)
+            if out.data_ptr() != self.p.data_ptr():
+                out.copy_(self.p)
         else:
             out.zero_()
             out.scatter_(1, self.index, self.p.to(out.dtype))
@@ -170,18 +181,15 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _q_rows(q: Union[float, Tensor], rows, n: int, V: int, dtype) -> Union[float, Tensor]:
+def _q_rows(q: Union[float, Tensor], rows, V: int, dtype) -> Union[float, Tensor]:
     """Slice of the reference for a chunk of rows: float, [1, V] or [n, V]."""
     if not isinstance(q, Tensor):
         return q
     if q.dim() == 1:
         return q.to(dtype).view(1, V)
-    q2 = q.reshape(-1, V) if q.shape[:-1].numel() > 1 else q.reshape(1, V)
-    if q2.shape[0] == 1:
-        return q2.to(dtype)
     if isinstance(rows, slice):
-        return q2[rows].to(dtype)
-    return q2.index_select(0, rows).to(dtype)
+        return q[rows].to(dtype)
+    return q.index_select(0, rows).to(dtype)
 
 
 def _gather_q(q: Union[float, Tensor], index: Tensor) -> Union[float, Tensor]:
@@ -192,44 +200,40 @@ def _gather_q(q: Union[float, Tensor], index: Tensor) -> Union[float, Tensor]:
     return q.gather(1, index)
 
 
-def _scaled_sums(g: Tensor, h: Tensor, q: Union[float, Tensor]) -> tuple[Tensor, Tensor]:
-    if isinstance(q, Tensor):
-        return (g * q).sum(1), (h * q).sum(1)
-    return g.sum(1) * q, h.sum(1) * q
-
-
 def _bracket(z: Tensor, q: Union[float, Tensor], div: FDivergence) -> tuple[Tensor, Tensor]:
-    """[tau_lo, tau_hi] with phi(tau_lo) >= 0 >= phi(tau_hi) (fdiv_math.md 2.2, tighter lower end)."""
-    n = z.shape[0]
+    """[tau_lo, tau_hi] with phi(tau_lo) >= 0 >= phi(tau_hi) (fdiv_math.md 2.2, tighter lower end).
+
+    ``z`` is max-shifted (its row max is 0)."""
+    n, V = z.shape
     if isinstance(q, Tensor):
         qf = q.expand_as(z) if q.shape[0] == 1 and n > 1 else q
-        # max_j (z_j - f'(1/q_j)); excluded classes have z = -inf.
-        fp = div.f_prime(1.0 / qf)
-        lo = (z - fp).amax(1)
-        qsum = qf.sum(1)
-        hi = -div.f_prime(1.0 / qsum)
+        lo = (z - div.f_prime(1.0 / qf)).amax(1)  # max_j (z_j - f'(1/q_j)); excluded z = -inf
+        hi = -div.f_prime(1.0 / qf.sum(1))
     else:
-        V = z.shape[1]
         lo = torch.full((n,), -div.f_prime_scalar(1.0 / q), dtype=z.dtype, device=z.device)
-        # z_max = 0 in shifted coordinates: tau_lo = -f'(1/q), tau_hi = -f'(1 / sum q).
         hi = torch.full((n,), -div.f_prime_scalar(1.0 / (q * V)), dtype=z.dtype, device=z.device)
-    hi = torch.maximum(hi, lo)
-    return lo, hi
+    return lo, torch.maximum(hi, lo)
 
 
 def _newton(
-    z: Tensor, q: Union[float, Tensor], div: FDivergence, lo: Tensor, hi: Tensor, max_iter: int
-) -> tuple[Tensor, Optional[Tensor]]:
-    """Safeguarded Newton from tau_lo. Returns tau and, when converged exactly, the unnormalised
-    p at tau (saves one pass)."""
+    z: Tensor,
+    q: Union[float, Tensor],
+    div: FDivergence,
+    lo: Tensor,
+    hi: Tensor,
+    max_iter: int,
+    out: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
+    """Safeguarded Newton from tau_lo on the transformed normalisation equation.
+
+    Returns tau [n] and p [n, m] (normalised) at that tau, written into ``out`` when given."""
     r = div.newton_transform
-    tau = lo.clone()
-    lo = lo.clone()
-    hi = hi.clone()
+    eps = torch.finfo(z.dtype).eps
+    prepared = div.newton_prepare(z)
+    tau, lo, hi = lo.clone(), lo.clone(), hi.clone()
+    g = None
     for _ in range(max_iter):
-        v = z - tau[:, None]
-        g, h = div.conj_grad_and_hess(v)
-        S, Sd = _scaled_sums(g, h, q)
+        S, Sd, g = div.newton_sums(prepared, tau[:, None], q)
         lo = torch.where(S >= 1, tau, lo)
         hi = torch.where(S <= 1, tau, hi)
         logS = torch.log(S)
@@ -238,65 +242,87 @@ def _newton(
         else:
             step = S * (-torch.expm1(-r * logS)) / (r * Sd)
         new = tau + step
-        bad = ~((new >= lo) & (new <= hi))  # also catches NaN
+        bad = ~((new >= lo) & (new <= hi))  # also catches NaN / inf steps
         new = torch.where(bad, 0.5 * (lo + hi), new)
         new = torch.where(S == 1, tau, new)
-        if torch.equal(new, tau):
-            pk = g * q if isinstance(q, Tensor) else (g if q == 1.0 else g * q)
-            return tau, pk
+        # Converged when no row moves by more than a few ulps: g at tau is then p up to rounding.
+        if bool(((new - tau).abs() <= 4 * eps * (1 + tau.abs())).all()):
+            tau = new
+            break
         tau = new
-    return tau, None
-
-
-def _p_at(z: Tensor, q: Union[float, Tensor], div: FDivergence, tau: Tensor, p_unnorm: Optional[Tensor]) -> Tensor:
-    if p_unnorm is None:
-        g = div.conj_grad(z - tau[:, None])
-        p_unnorm = g * q if isinstance(q, Tensor) else (g if q == 1.0 else g * q)
-    s = p_unnorm.sum(1, keepdim=True)
-    return p_unnorm / s
-
-
-def _solve_kl(z: Tensor, q: Union[float, Tensor]) -> tuple[Tensor, Tensor]:
-    """KL closed form: p = softmax(z + log q), tau = logsumexp(z + log q)."""
+        g = None
+    if g is None:
+        g = div.newton_eval_grad(prepared, tau[:, None])
     if isinstance(q, Tensor):
-        zl = z + torch.log(q)
-        tau = torch.logsumexp(zl, 1)
-        p = torch.exp(zl - tau[:, None])
-        return tau, p
-    tau = torch.logsumexp(z, 1)
-    p = torch.softmax(z, 1)
-    return tau + math.log(q), p
+        g = g * q
+    total = g.sum(1, keepdim=True)
+    if out is not None and out.dtype == g.dtype:
+        return tau, torch.div(g, total, out=out)
+    return tau, g.div_(total)
 
 
-def _solve_sparse(z, q, div, max_iter, topk):
-    """Sparse f: solve on the top-K entries, verify exactness, widen or fall back to dense."""
-    n, V = z.shape
+def _solve_kl(z: Tensor, q: Union[float, Tensor], out: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """KL closed form: p = softmax(z + log q), tau = logsumexp(z + log q). ``z`` is overwritten."""
+    if isinstance(q, Tensor):
+        z.add_(torch.log(q))
+        zmax = z.amax(1, keepdim=True)
+        z.sub_(zmax)
+    else:
+        zmax = None
+    p = out if out is not None else z
+    torch.exp(z, out=p)
+    s = p.sum(1, keepdim=True)
+    p.div_(s)
+    tau = torch.log(s.squeeze(1))
+    if zmax is not None:
+        tau = tau + zmax.squeeze(1)
+    elif q != 1.0:
+        tau = tau + math.log(q)
+    return tau, p
+
+
+def _solve_sparse(x_rows, m, q, div, max_iter, topk, workspace, out):
+    """Sparse f: solve on the top-K entries, verify exactness, widen or fall back to dense.
+
+    Returns (tau, p, z, q, index); index None means dense [n, V]."""
+    n, V = x_rows.shape
+    cdt = m.dtype
     thr0 = div.f_prime_zero
     K = min(V, topk)
-    lo_full = None
+    lo_sub = None
     if K < V:
-        vals, idx = z.topk(K, dim=1, sorted=False)
+        vals, idx = x_rows.topk(K, dim=1, sorted=False)
+        vals = vals.to(cdt) - m[:, None]
         qk = _gather_q(q, idx)
         lo, hi = _bracket(vals, qk, div)
         tau, pk = _newton(vals, qk, div, lo, hi, max_iter)
         # Exact for the whole row iff every left-out entry is clipped: z_j - tau <= f'(0).
         if bool((vals.amin(1) - tau <= thr0).all()):
-            return tau, _p_at(vals, qk, div, tau, pk), vals, qk, idx
-        lo_full = tau  # tau on a subset is a valid lower bound for the full row
-        counts = (z > (tau + thr0)[:, None]).sum(1)
+            return tau, pk, vals, qk, idx
+        lo_sub = tau  # the root on a subset is a valid lower bound for the full row
+        # Candidates: z_j > tau_sub + f'(0), i.e. x_j > max + tau_sub + f'(0).
+        counts = (x_rows > (m + tau + thr0).to(x_rows.dtype)[:, None]).sum(1)
         K1 = int(counts.max())
         if K1 <= max(K, int(SPARSE_MAX_SUPPORT_FRACTION * V)) and K1 < V:
-            vals, idx = z.topk(K1, dim=1, sorted=False)
+            vals, idx = x_rows.topk(K1, dim=1, sorted=False)
+            vals = vals.to(cdt) - m[:, None]
             qk = _gather_q(q, idx)
             _, hi = _bracket(vals, qk, div)
-            tau, pk = _newton(vals, qk, div, lo_full, torch.maximum(hi, lo_full), max_iter)
-            return tau, _p_at(vals, qk, div, tau, pk), vals, qk, idx
+            tau, pk = _newton(vals, qk, div, lo_sub, torch.maximum(hi, lo_sub), max_iter)
+            return tau, pk, vals, qk, idx
+    z = _shifted(x_rows, m, workspace)
     lo, hi = _bracket(z, q, div)
-    if lo_full is not None:
-        lo = torch.maximum(lo, lo_full)
+    if lo_sub is not None:
+        lo = torch.maximum(lo, lo_sub)
         hi = torch.maximum(hi, lo)
-    tau, pk = _newton(z, q, div, lo, hi, max_iter)
-    return tau, _p_at(z, q, div, tau, pk), z, q, None
+    tau, p = _newton(z, q, div, lo, hi, max_iter, out)
+    return tau, p, z, q, None
+
+
+def _shifted(x_rows: Tensor, m: Tensor, workspace: Tensor) -> Tensor:
+    z = workspace[: x_rows.shape[0]]
+    z.copy_(x_rows)
+    return z.sub_(m[:, None])
 
 
 def _check_row_max(m: Tensor) -> None:
@@ -316,47 +342,60 @@ def solve_row_chunks(
     div: FDivergence,
     *,
     rows: Optional[Tensor] = None,
+    out: Optional[Tensor] = None,
     max_iter: int = DEFAULT_MAX_ITER,
     topk: int = SPARSE_TOPK,
     chunk_elements: int = CHUNK_ELEMENTS,
 ) -> Iterator[RowSolution]:
     """The one place that owns chunking: solve f-softargmax for the rows of ``x`` [N, V].
 
-    ``q`` comes from :func:`prepare_reference` (float, [V] or [..., V] with N rows after reshape).
-    ``rows`` (optional LongTensor) restricts the solve to those rows (e.g. non-ignored targets).
-    Yields a :class:`RowSolution` per chunk, in row order.
+    ``q`` is a float, a [V] prior or [N, V] rows (see :func:`prepare_reference`). ``rows``
+    (optional LongTensor) restricts the solve to those rows (e.g. non-ignored targets). With
+    ``out`` ([N, V], any float dtype), dense p is written into ``out[rows]`` as each chunk is solved.
+    Yields a :class:`RowSolution` per chunk, in order; consume it before advancing.
     """
     N, V = x.shape
     cdt = _compute_dtype(x.dtype)
     step = max(1, chunk_elements // max(V, 1))
     total = N if rows is None else rows.numel()
     is_kl = isinstance(div, KL)
+    workspace = torch.empty((min(step, total), V), dtype=cdt, device=x.device) if total else None
+    q_has_zero = isinstance(q, Tensor) and bool((q == 0).any())
     for a in range(0, total, step):
         b = min(total, a + step)
         if rows is None:
             sel = slice(a, b)
-            z = x[sel].to(cdt, copy=True)
+            x_rows = x[sel]
         else:
             sel = rows[a:b]
-            z = x.index_select(0, sel).to(cdt)
-        n = z.shape[0]
-        qc = _q_rows(q, sel, n, V, cdt)
-        if isinstance(qc, Tensor):
-            # Zero reference excludes the class (exact perspective limit for super-linear f).
-            z.masked_fill_(qc == 0, -math.inf)
-        m = z.amax(1)
+            x_rows = x.index_select(0, sel)
+        qc = _q_rows(q, sel, V, cdt)
+        if q_has_zero:
+            # A zero reference excludes the class (the exact perspective limit for super-linear f).
+            x_rows = x_rows.masked_fill(qc == 0, -math.inf)
+        m = x_rows.amax(1).to(cdt)
         _check_row_max(m)
-        z.sub_(m[:, None])
+        out_rows = None
+        if out is not None and isinstance(sel, slice):
+            out_rows = out[sel]
         if is_kl:
-            tau, p = _solve_kl(z, qc)
-            sol = RowSolution(sel, z, m, qc, tau, p, z, qc, None)
+            z = _shifted(x_rows, m, workspace)
+            direct = out_rows is not None and out_rows.dtype == cdt and not isinstance(qc, Tensor)
+            tau, p = _solve_kl(z, qc, out_rows if direct else None)
+            sol = RowSolution(sel, x_rows, m, qc, tau, p, None if direct else None, qc, None)
         elif div.sparse:
-            tau, p, zs, qs, idx = _solve_sparse(z, qc, div, max_iter, topk)
-            sol = RowSolution(sel, z, m, qc, tau, p, zs, qs, idx)
+            tau, p, zs, qs, idx = _solve_sparse(x_rows, m, qc, div, max_iter, topk, workspace, out_rows)
+            sol = RowSolution(sel, x_rows, m, qc, tau, p, zs, qs, idx)
         else:
+            z = _shifted(x_rows, m, workspace)
             lo, hi = _bracket(z, qc, div)
-            tau, pk = _newton(z, qc, div, lo, hi, max_iter)
-            sol = RowSolution(sel, z, m, qc, tau, _p_at(z, qc, div, tau, pk), z, qc, None)
+            tau, p = _newton(z, qc, div, lo, hi, max_iter, out_rows)
+            sol = RowSolution(sel, x_rows, m, qc, tau, p, z, qc, None)
+        if out is not None:
+            if out_rows is not None:
+                sol.write_dense(out_rows)
+            else:
+                out.index_copy_(0, sel, sol.dense_p().to(out.dtype))
         yield sol
 
 
@@ -369,20 +408,23 @@ def _jvp_rows(div: FDivergence, p: Tensor, q: Union[float, Tensor], g: Tensor) -
     """J^T g = s * (g - <s, g> / <s, 1>) for J = diag(s) - s s^T / sum(s)."""
     s = div.jacobian_weight(p, q)
     ssum = s.sum(1, keepdim=True)
-    sg = (s * g).sum(1, keepdim=True)
-    return s * (g - sg / ssum)
+    sg = torch.linalg.vecdot(s, g)[:, None]
+    return s.mul_(g - sg / ssum)
 
 
 class FSoftargmaxFunction(torch.autograd.Function):
-    """p = f-softargmax(x; q) over the last axis of x [N, V]; VJP from the closed-form Jacobian."""
+    """p = f-softargmax(x; q) over the last axis of x [N, V]; VJP from the closed-form Jacobian.
+
+    For chunks solved on a compact support (sparse f) the backward works on the support only."""
 
     @staticmethod
     def forward(ctx, x: Tensor, q, div: FDivergence, max_iter: int):
         out = torch.empty_like(x)
-        for sol in solve_row_chunks(x, q, div, max_iter=max_iter):
-            sol.write_dense(out[sol.rows])
-        ctx.div = div
-        ctx.q = q
+        compact = []  # (rows, index, p, q) of chunks with a compact support
+        for sol in solve_row_chunks(x, q, div, out=out, max_iter=max_iter):
+            if sol.index is not None and x.requires_grad:
+                compact.append((sol.rows, sol.index, sol.p, sol.q))
+        ctx.div, ctx.q, ctx.compact = div, q, compact
         ctx.save_for_backward(out)
         return out
 
@@ -393,11 +435,21 @@ class FSoftargmaxFunction(torch.autograd.Function):
         N, V = p.shape
         cdt = _compute_dtype(p.dtype)
         dx = torch.empty_like(p)
-        step = max(1, CHUNK_ELEMENTS // max(V, 1))
-        for a in range(0, N, step):
-            sl = slice(a, min(N, a + step))
-            qc = _q_rows(q, sl, sl.stop - sl.start, V, cdt)
-            dx[sl] = _jvp_rows(div, p[sl].to(cdt), qc, grad_out[sl].to(cdt))
+        done = torch.zeros(N, dtype=torch.bool, device=p.device)
+        for rows, index, pk, qk in ctx.compact:
+            gk = grad_out[rows].gather(1, index).to(cdt)
+            d = dx[rows]
+            d.zero_()
+            d.scatter_(1, index, _jvp_rows(div, pk, qk, gk).to(dx.dtype))
+            done[rows] = True
+        if not bool(done.all()):
+            step = max(1, CHUNK_ELEMENTS // max(V, 1))
+            for a in range(0, N, step):
+                sl = slice(a, min(N, a + step))
+                if bool(done[sl].all()):
+                    continue
+                qc = _q_rows(q, sl, V, cdt)
+                dx[sl] = _jvp_rows(div, p[sl].to(cdt), qc, grad_out[sl].to(cdt))
         return dx, None, None, None
 
 
@@ -409,10 +461,8 @@ class FSoftmaxFunction(torch.autograd.Function):
         N, V = x.shape
         value = torch.empty(N, dtype=_compute_dtype(x.dtype), device=x.device)
         p_out = torch.empty_like(x) if x.requires_grad else None
-        for sol in solve_row_chunks(x, q, div, max_iter=max_iter):
+        for sol in solve_row_chunks(x, q, div, out=p_out, max_iter=max_iter):
             value[sol.rows] = sol.row_max + _value_shifted(sol, div)
-            if p_out is not None:
-                sol.write_dense(p_out[sol.rows])
         if p_out is not None:
             ctx.save_for_backward(p_out)
         return value.to(x.dtype)
@@ -423,29 +473,40 @@ class FSoftmaxFunction(torch.autograd.Function):
         return grad_out[:, None].to(p.dtype) * p, None, None, None
 
 
-def _q_total(q: Union[float, Tensor], z_full: Tensor) -> Tensor:
+def _q_total(q: Union[float, Tensor], n: int, V: int, like: Tensor) -> Tensor:
     if isinstance(q, Tensor):
-        return q.expand_as(z_full).sum(1) if q.shape[0] == 1 else q.sum(1)
-    return torch.full((z_full.shape[0],), q * z_full.shape[1], dtype=z_full.dtype, device=z_full.device)
+        return q.sum(1).expand(n) if q.shape[0] == 1 else q.sum(1)
+    return torch.full((n,), q * V, dtype=like.dtype, device=like.device)
+
+
+def sum_q_bregman(p: Tensor, q: Union[float, Tensor], div: FDivergence) -> Tensor:
+    """sum_j q_j c(p_j / q_j) per row, c = :meth:`FDivergence.bregman_to_zero`; classes with q_j = 0
+    contribute 0, classes with p_j = 0 contribute c(0) (0, or -inf when f(0) = +inf)."""
+    if div.bregman_zero_safe and not isinstance(q, Tensor):
+        return div.bregman_to_zero(p if q == 1.0 else p / q).sum(1) * q
+    pos = p > 0
+    if isinstance(q, Tensor):
+        qf = q.expand_as(p)
+        u = torch.where(pos, p / qf, torch.ones_like(p))
+        c = qf * div.bregman_to_zero(u)
+        empty = torch.where(qf > 0, -math.inf, 0.0) if math.isinf(div.f_zero) else 0.0
+    else:
+        u = torch.where(pos, p if q == 1.0 else p / q, torch.ones_like(p))
+        c = div.bregman_to_zero(u) * q
+        empty = -math.inf if math.isinf(div.f_zero) else 0.0
+    return torch.where(pos, c, empty).sum(1)
 
 
 def _value_shifted(sol: RowSolution, div: FDivergence) -> Tensor:
-    """<p, z> - D_f(p, q) for a chunk (z max-shifted), summed over the support only."""
-    p, z, q = sol.p, sol.z, sol.q
-    pos = p > 0
-    qf = q if isinstance(q, Tensor) else torch.full_like(p, q)
-    qf = qf.expand_as(p)
-    ratio = torch.where(pos, p / qf, torch.ones_like(p))
-    fpq = torch.where(pos, qf * div.f(ratio), torch.zeros_like(p))
-    lin = torch.where(pos, p * z, torch.zeros_like(p))
-    q_on_support = torch.where(pos, qf, torch.zeros_like(p)).sum(1)
-    q_off = _q_total(sol.q_full, sol.z_full) - q_on_support
-    if math.isinf(div.f_zero):
-        # f(0) = +inf: any class with q > 0 and p = 0 makes D_f infinite.
-        off = torch.where(q_off > 1e-12 * _q_total(sol.q_full, sol.z_full), -math.inf, 0.0)
-    else:
-        off = -div.f_zero * q_off.clamp(min=0)
-    return lin.sum(1) - fpq.sum(1) + off
+    """f-softmax(z; q) = tau + sum_j q_j f*(z_j - tau) = tau + sum_j q_j c(u_j) - f(0) sum_j q_j."""
+    n, V = sol.x_rows.shape
+    q_total = _q_total(sol.q_full, n, V, sol.tau)
+    if isinstance(div, KL):
+        return sol.tau + 1 - q_total
+    value = sol.tau + sum_q_bregman(sol.p, sol.q, div)
+    if not math.isinf(div.f_zero):
+        value = value - div.f_zero * q_total
+    return value
 
 
 # ---------------------------------------------------------------------------------------------
