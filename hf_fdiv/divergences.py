@@ -80,6 +80,12 @@ class FDivergence:
     newton_power: Optional[float] = None  # None: 0 for dense f, 1 for sparse f
     #: True when ``bregman_to_zero(0)`` evaluates to exactly 0 (lets the loss skip a mask pass).
     bregman_zero_safe: bool = False
+    #: True when Newton on the transformed equation is provably monotone from tau_lo (convex
+    #: transform); otherwise every step must also halve the previous one or it is a bisection.
+    newton_monotone: bool = False
+    #: Solve in fp64 even for fp32 inputs: for alpha > 2, (f*)'' is infinite where a class enters the
+    #: support, so one fp32 ulp of tau moves such a p_j by ~sqrt(ulp) (entmax#36).
+    solve_in_fp64: bool = False
 
     # ---- the generator ---------------------------------------------------------------------
     def f(self, u: Tensor) -> Tensor:
@@ -274,6 +280,7 @@ class KL(FDivergence):
     f_prime_inf = math.inf
     f_zero = 1.0
     newton_power = 0.0
+    newton_monotone = True
     bregman_zero_safe = True
 
     def f(self, u):
@@ -310,6 +317,7 @@ class ReverseKL(FDivergence):
     f_prime_inf = 1.0
     f_zero = math.inf
     newton_power = 0.0
+    newton_monotone = True
 
     def f(self, u):
         return -torch.log(u) + u - 1
@@ -345,6 +353,7 @@ class ChiSquare(FDivergence):
     f_prime_inf = math.inf
     f_zero = 1.0
     newton_power = 1.0
+    newton_monotone = True
     bregman_zero_safe = True
 
     def f(self, u):
@@ -382,6 +391,7 @@ class SquaredHellinger(FDivergence):
     f_prime_inf = 1.0
     f_zero = 1.0
     newton_power = 0.0
+    newton_monotone = True
     bregman_zero_safe = True
 
     def f(self, u):
@@ -420,6 +430,7 @@ class JensenShannon(FDivergence):
     f_prime_inf = _LOG2
     f_zero = _LOG2
     newton_power = 0.0
+    newton_monotone = True
     bregman_zero_safe = True
 
     def f(self, u):
@@ -506,6 +517,9 @@ class AlphaDivergence(FDivergence):
         self.f_zero = 1.0 / alpha
         self.newton_power = a1 if alpha > 1 else 0.0
         self.bregman_zero_safe = True
+        # (sum p)^(alpha-1) is convex in tau for alpha <= 2; log sum p is convex for alpha < 1.
+        self.newton_monotone = alpha <= 2
+        self.solve_in_fp64 = alpha > 2
 
     def f(self, u):
         a = self.alpha

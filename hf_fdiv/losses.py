@@ -227,7 +227,7 @@ def fdiv_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
-    max_iter: int = DEFAULT_MAX_ITER,
+    max_iter: Optional[int] = None,
 ) -> Tensor:
     """Fenchel-Young loss l_f(logits, target; q) with gradient f-softargmax(logits; q) - target.
 
@@ -263,7 +263,7 @@ def fdiv_loss(
     else:
         t = target.reshape(-1).to(device=x.device, dtype=torch.long)
         n_valid = int((t != ignore_index).sum())
-    per_row = FDivLossFunction.apply(x, t, q, div, int(ignore_index), float(label_smoothing), int(max_iter))
+    per_row = FDivLossFunction.apply(x, t, q, div, int(ignore_index), float(label_smoothing), max_iter)
     if reduction == "none":
         return per_row.reshape(shape[:-1])
     total = per_row.sum()
@@ -282,7 +282,7 @@ class FDivLoss(nn.Module):
         ignore_index: int = -100,
         reduction: str = "mean",
         label_smoothing: float = 0.0,
-        max_iter: int = DEFAULT_MAX_ITER,
+        max_iter: Optional[int] = None,
     ):
         super().__init__()
         self.divergence = get_divergence(divergence)

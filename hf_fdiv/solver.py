@@ -53,8 +53,10 @@ ReferenceSpec = Union[str, float, Tensor]
 
 #: rows per chunk = max(1, CHUNK_ELEMENTS // V): temporaries stay a few MB, in cache.
 CHUNK_ELEMENTS = 1 << 21
-#: cap on Newton/bisection passes per chunk (Newton needs 1-9 in fp32, bisection fallback more).
+#: cap on Newton passes per chunk (Newton needs 1-9 in fp32); None in the API means this, or
+#: NON_MONOTONE_MAX_ITER for generators whose Newton steps need the bisection safeguard (alpha > 2).
 DEFAULT_MAX_ITER = 60
+NON_MONOTONE_MAX_ITER = 200
 #: first guess of the support size for sparse f (top-K solve, exact when accepted).
 SPARSE_TOPK = 32
 #: beyond this many candidates per row, sparse f are solved densely.
@@ -221,7 +223,7 @@ def _newton(
     div: FDivergence,
     lo: Tensor,
     hi: Tensor,
-    max_iter: int,
+    max_iter: Optional[int],
     out: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """Safeguarded Newton from tau_lo on the transformed normalisation equation.
@@ -231,8 +233,12 @@ def _newton(
     eps = torch.finfo(z.dtype).eps
     prepared = div.newton_prepare(z)
     tau, lo, hi = lo.clone(), lo.clone(), hi.clone()
+    prev_step = torch.full_like(tau, math.inf)
+    monotone = div.newton_monotone
+    if max_iter is None:
+        max_iter = DEFAULT_MAX_ITER if monotone else NON_MONOTONE_MAX_ITER
     g = None
-    for _ in range(max_iter):
+    for it in range(max_iter):
         S, Sd, g = div.newton_sums(prepared, tau[:, None], q)
         lo = torch.where(S >= 1, tau, lo)
         hi = torch.where(S <= 1, tau, hi)
@@ -242,13 +248,27 @@ def _newton(
         else:
             step = S * (-torch.expm1(-r * logS)) / (r * Sd)
         new = tau + step
-        bad = ~((new >= lo) & (new <= hi))  # also catches NaN / inf steps
-        new = torch.where(bad, 0.5 * (lo + hi), new)
+        # Safeguard: a Newton step must land strictly inside the bracket, else bisect (NaN steps
+        # fail too). When Newton is not provably monotone (alpha > 2), a step must also halve the
+        # previous one and every third pass is a bisection, so the bracket keeps shrinking.
+        ok = (new > lo) & (new < hi)
+        if monotone:
+            ok |= new == tau
+        else:
+            ok &= (step.abs() <= 0.5 * prev_step) & torch.tensor(it % 3 != 2)
+        new = torch.where(ok, new, 0.5 * (lo + hi))
         new = torch.where(S == 1, tau, new)
-        # Converged when no row moves by more than a few ulps: g at tau is then p up to rounding.
-        if bool(((new - tau).abs() <= 4 * eps * (1 + tau.abs())).all()):
+        moved = new - tau
+        if monotone:
+            # Converged when no row moves by more than a few ulps: g at tau is p up to rounding.
+            done = moved.abs() <= 4 * eps * (1 + tau.abs())
+        else:
+            # Steps can be tiny far from the root here: require a collapsed bracket.
+            done = (S == 1) | ((hi - lo) <= 4 * eps * (1 + tau.abs()))
+        if bool(done.all()):
             tau = new
             break
+        prev_step = moved.abs()
         tau = new
         g = None
     if g is None:
@@ -301,8 +321,9 @@ def _solve_sparse(x_rows, m, q, div, max_iter, topk, workspace, out):
             return tau, pk, vals, qk, idx
         lo_sub = tau  # the root on a subset is a valid lower bound for the full row
         # Candidates: z_j > tau_sub + f'(0), i.e. x_j > max + tau_sub + f'(0).
-        counts = (x_rows > (m + tau + thr0).to(x_rows.dtype)[:, None]).sum(1)
-        K1 = int(counts.max())
+        # (compared in the compute dtype: rounding the threshold to bf16 could drop the max itself)
+        counts = (x_rows > (m + tau + thr0)[:, None]).sum(1)
+        K1 = max(1, int(counts.max()))
         if K1 <= max(K, int(SPARSE_MAX_SUPPORT_FRACTION * V)) and K1 < V:
             vals, idx = x_rows.topk(K1, dim=1, sorted=False)
             vals = vals.to(cdt) - m[:, None]
@@ -343,7 +364,7 @@ def solve_row_chunks(
     *,
     rows: Optional[Tensor] = None,
     out: Optional[Tensor] = None,
-    max_iter: int = DEFAULT_MAX_ITER,
+    max_iter: Optional[int] = None,
     topk: int = SPARSE_TOPK,
     chunk_elements: int = CHUNK_ELEMENTS,
 ) -> Iterator[RowSolution]:
@@ -355,7 +376,7 @@ def solve_row_chunks(
     Yields a :class:`RowSolution` per chunk, in order; consume it before advancing.
     """
     N, V = x.shape
-    cdt = _compute_dtype(x.dtype)
+    cdt = torch.float64 if div.solve_in_fp64 else _compute_dtype(x.dtype)
     step = max(1, chunk_elements // max(V, 1))
     total = N if rows is None else rows.numel()
     is_kl = isinstance(div, KL)
@@ -409,7 +430,7 @@ def _jvp_rows(div: FDivergence, p: Tensor, q: Union[float, Tensor], g: Tensor) -
     s = div.jacobian_weight(p, q)
     ssum = s.sum(1, keepdim=True)
     sg = torch.linalg.vecdot(s, g)[:, None]
-    return s.mul_(g - sg / ssum)
+    return s * (g - sg / ssum)  # not in place: s may alias p (KL)
 
 
 class FSoftargmaxFunction(torch.autograd.Function):
@@ -540,7 +561,7 @@ def f_softargmax(
     divergence: DivergenceSpec = "alpha:1.5",
     reference: ReferenceSpec = "unit",
     dim: int = -1,
-    max_iter: int = DEFAULT_MAX_ITER,
+    max_iter: Optional[int] = None,
 ) -> Tensor:
     """f-softargmax: argmax_{p in simplex} <p, logits> - D_f(p, q) along ``dim``.
 
@@ -550,7 +571,7 @@ def f_softargmax(
         reference: ``"unit"`` (q = 1), ``"uniform"`` (q = 1/V), a positive number, or a non-negative
             tensor ([V] class prior or broadcastable to the logits); q_j = 0 excludes class j.
         dim: the class dimension.
-        max_iter: cap on root-search passes per chunk.
+        max_iter: cap on root-search passes per chunk (default 60; 200 for alpha > 2).
 
     Returns:
         p with the shape and dtype of ``logits``: p >= 0, sums to 1 along ``dim``; KL with unit q is
@@ -560,7 +581,7 @@ def f_softargmax(
     div = get_divergence(divergence)
     q = prepare_reference(reference, logits, dim)
     x, shape = _as_rows(logits, dim)
-    p = FSoftargmaxFunction.apply(x, _q_for_rows(q, shape), div, int(max_iter))
+    p = FSoftargmaxFunction.apply(x, _q_for_rows(q, shape), div, max_iter)
     return p.reshape(shape).movedim(-1, dim)
 
 
@@ -569,7 +590,7 @@ def f_softmax(
     divergence: DivergenceSpec = "alpha:1.5",
     reference: ReferenceSpec = "unit",
     dim: int = -1,
-    max_iter: int = DEFAULT_MAX_ITER,
+    max_iter: Optional[int] = None,
 ) -> Tensor:
     """f-softmax value max_{p in simplex} <p, logits> - D_f(p, q) along ``dim`` (log-sum-exp analogue).
 
@@ -580,5 +601,5 @@ def f_softmax(
     div = get_divergence(divergence)
     q = prepare_reference(reference, logits, dim)
     x, shape = _as_rows(logits, dim)
-    v = FSoftmaxFunction.apply(x, _q_for_rows(q, shape), div, int(max_iter))
+    v = FSoftmaxFunction.apply(x, _q_for_rows(q, shape), div, max_iter)
     return v.reshape(shape[:-1])

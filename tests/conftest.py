@@ -1,0 +1,10 @@
+import os
+import sys
+
+# Offline by default: nothing in the suite may touch the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+sys.path.insert(0, os.path.dirname(__file__))  # tests/oracles.py
