@@ -105,3 +105,32 @@ def kkt_residual(p: torch.Tensor, theta: torch.Tensor, name: str, q=None, tol_su
         if math.isfinite(fp0) and bool((~supp).any()):
             worst = max(worst, float((theta[i, ~supp] - tau - fp0).clamp(min=0).max()))
     return worst
+
+
+def generator_f(name: str):
+    """f(u) for u >= 0, written independently (fdiv_math.md section 3)."""
+    if name == "kl":
+        return lambda u: torch.xlogy(u, u) - u + 1
+    if name == "reverse_kl":
+        return lambda u: -torch.log(u) + u - 1
+    if name == "chi2":
+        return lambda u: (u - 1) ** 2
+    if name == "squared_hellinger":
+        return lambda u: (torch.sqrt(u) - 1) ** 2
+    if name == "js":
+        return lambda u: torch.xlogy(u, u) - torch.xlogy(u + 1, (u + 1) / 2)
+    if name.startswith("alpha:"):
+        a = float(name.split(":")[1])
+        return lambda u: (u**a - 1 - a * (u - 1)) / (a * (a - 1))
+    raise KeyError(name)
+
+
+def primal_loss(theta, y, name, q=None):
+    """fp64 Fenchel-Young loss <p - y, theta> + sum_j q_j [f(y_j/q_j) - f(p_j/q_j)] from the oracle p."""
+    theta, y = theta.double(), y.double()
+    qq = torch.ones_like(theta) if q is None else torch.as_tensor(q, dtype=torch.float64).expand_as(theta)
+    p = reference_bisection(theta, name, q)
+    f = generator_f(name)
+    both_zero = (p == 0) & (y == 0)
+    terms = (p - y) * theta + qq * (f(y / qq) - f(p / qq))
+    return torch.where(both_zero, torch.zeros_like(terms), terms).sum(-1), p
