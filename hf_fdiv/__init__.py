@@ -20,6 +20,23 @@ from .solver import f_softargmax, f_softmax
 
 __version__ = "0.1.0"
 
+# The trainers import transformers and TRL (seconds): load them on first use only.
+_LAZY = {
+    "FDivTrainer": "trainers",
+    "FDivTrainingArguments": "trainers",
+    "FDivSFTTrainer": "trainers",
+    "FDivSFTConfig": "trainers",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        module = importlib.import_module(f".{_LAZY[name]}", __name__)
+        return getattr(module, name)
+    raise AttributeError(f"module 'hf_fdiv' has no attribute {name!r}")
+
 __all__ = [
     "AlphaDivergence",
     "ChiSquare",
@@ -35,5 +52,9 @@ __all__ = [
     "fdiv_loss",
     "FDivLoss",
     "causal_lm_fdiv_loss",
+    "FDivTrainer",
+    "FDivTrainingArguments",
+    "FDivSFTTrainer",
+    "FDivSFTConfig",
     "__version__",
 ]

@@ -637,7 +637,7 @@ def get_divergence(spec: DivergenceSpec) -> FDivergence:
     key = _ALIASES.get(key, key)
     if key in _NAMED:
         return _NAMED[key]()
-    for prefix in ("alpha:", "alpha=", "alpha"):
+    for prefix in ("alpha:", "alpha="):
         if key.startswith(prefix):
             rest = key[len(prefix):]
             try:

@@ -99,6 +99,23 @@ def _target_prob(sol: RowSolution, c: Tensor) -> Tensor:
     return (sol.p * (sol.index == c[:, None])).sum(1)
 
 
+def _accumulate_stats(stats: dict, sol: RowSolution, c: Optional[Tensor]) -> None:
+    """Token statistics of p for trainer metrics (no host sync): support size, Shannon entropy
+    (well defined for sparse p: 0 log 0 = 0), top-1 accuracy (argmax p = argmax logits)."""
+    p = sol.p
+    top = p.argmax(1)
+    pred = top if sol.index is None else sol.index.gather(1, top[:, None]).squeeze(1)
+    add = {
+        "support": (p > 0).sum(),
+        "entropy": -torch.xlogy(p, p).sum(),
+        "count": torch.tensor(p.shape[0], device=p.device),
+    }
+    if c is not None:
+        add["correct"] = (pred == c).sum()
+    for key, value in add.items():
+        stats[key] = stats.get(key, 0) + value.double()
+
+
 # ---------------------------------------------------------------------------------------------
 # autograd
 # ---------------------------------------------------------------------------------------------
@@ -113,7 +130,7 @@ class FDivLossFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, target, q, div, ignore_index, label_smoothing, max_iter):
+    def forward(ctx, x, target, q, div, ignore_index, label_smoothing, max_iter, stats=None):
         N, V = x.shape
         cdt = _compute_dtype(x.dtype)
         need_grad = ctx.needs_input_grad[0]
@@ -157,6 +174,8 @@ class FDivLossFunction(torch.autograd.Function):
                         else:
                             grad.index_copy_(0, sol.rows, (p - y).to(x.dtype))
                 losses[sol.rows] = loss_c
+                if stats is not None:
+                    _accumulate_stats(stats, sol, target[sol.rows] if is_ids else None)
         ctx.grad_buffer = grad
         return losses
 
@@ -177,7 +196,7 @@ class FDivLossFunction(torch.autograd.Function):
             for a in range(0, N, step):
                 sl = slice(a, min(N, a + step))
                 grad[sl] = grad[sl].float() * grad_losses[sl].float()[:, None]
-        return grad, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,6 +247,7 @@ def fdiv_loss(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     max_iter: Optional[int] = None,
+    stats: Optional[dict] = None,
 ) -> Tensor:
     """Fenchel-Young loss l_f(logits, target; q) with gradient f-softargmax(logits; q) - target.
 
@@ -243,6 +263,9 @@ def fdiv_loss(
         label_smoothing: eps in [0, 1): y = (1 - eps) e_c + eps / V (as ``F.cross_entropy``). For
             soft targets the FY loss is KL-like: with ``"kl"`` it equals ``F.cross_entropy`` minus the
             entropy of y (same gradient).
+        stats: optional dict; sums over the non-ignored rows are added to it as 0-d fp64 tensors:
+            ``support`` (classes with p > 0), ``entropy`` (of p), ``correct`` (argmax = target, ids
+            only) and ``count`` (rows). Used by the trainers' metrics; no host synchronisation.
 
     Returns:
         The reduced loss, in the logits' dtype (fp32 for bf16/fp16 logits: the solve is in fp32).
@@ -263,7 +286,7 @@ def fdiv_loss(
     else:
         t = target.reshape(-1).to(device=x.device, dtype=torch.long)
         n_valid = int((t != ignore_index).sum())
-    per_row = FDivLossFunction.apply(x, t, q, div, int(ignore_index), float(label_smoothing), max_iter)
+    per_row = FDivLossFunction.apply(x, t, q, div, int(ignore_index), float(label_smoothing), max_iter, stats)
     if reduction == "none":
         return per_row.reshape(shape[:-1])
     total = per_row.sum()

@@ -1,0 +1,243 @@
+"""The loss logic shared by every hf_fdiv trainer (one place, like TRL's trainers share a base).
+
+:class:`FDivLossArguments` holds the config fields (``divergence``, ``reference``,
+``fdiv_max_iter``); :class:`FDivTrainerMixin` goes first in the bases of a ``transformers.Trainer``
+subclass and provides ``compute_loss`` (the f-divergence Fenchel-Young loss on shifted labels, with
+the gradient-accumulation contract of ``num_items_in_batch``), the metrics, and the model card.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor
+
+from ..divergences import FDivergence, get_divergence
+from ..losses import fdiv_loss
+from . import model_card
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class FDivLossArguments:
+    """Config fields of the f-divergence loss, shared by every hf_fdiv config class."""
+
+    divergence: str = field(
+        default="alpha:1.5",
+        metadata={
+            "help": "f-divergence generating the loss: kl (= cross-entropy), reverse_kl, chi2, squared_hellinger, "
+            "js, alpha:<a> for any a > 0 (alpha:1.5 = entmax15, the paper's headline; alpha:2 = sparsemax)."
+        },
+    )
+    reference: str = field(
+        default="unit",
+        metadata={
+            "help": "Reference measure q: 'unit' (all ones; alpha-divergence = alpha-entmax), 'uniform' (1/V), or "
+            "the path of a torch-saved [V] tensor used as a class prior (a zero excludes the class)."
+        },
+    )
+    fdiv_max_iter: Optional[int] = field(
+        default=None,
+        metadata={"help": "Cap on root-search passes per chunk of rows (default 60, 200 for alpha > 2)."},
+    )
+
+    def _validate_fdiv(self) -> None:
+        get_divergence(self.divergence)  # raises ValueError with the known names
+        if isinstance(self.reference, str) and self.reference.strip().lower() not in ("unit", "uniform"):
+            if not os.path.isfile(self.reference):
+                raise ValueError(
+                    f"reference={self.reference!r} is neither 'unit', 'uniform' nor an existing file: pass one of "
+                    "those or the path of a torch.save'd [V] tensor."
+                )
+        if self.fdiv_max_iter is not None and self.fdiv_max_iter < 1:
+            raise ValueError(f"fdiv_max_iter must be >= 1, got {self.fdiv_max_iter}.")
+
+
+def _resolve_reference(reference: Union[str, float, Tensor]) -> Union[str, float, Tensor]:
+    if isinstance(reference, str) and reference.strip().lower() not in ("unit", "uniform"):
+        if not os.path.isfile(reference):
+            raise ValueError(
+                f"reference={reference!r} is neither 'unit', 'uniform' nor an existing file of a [V] tensor."
+            )
+        q = torch.load(reference, map_location="cpu", weights_only=True)
+        if not isinstance(q, Tensor):
+            raise ValueError(f"{reference} does not contain a tensor (got {type(q).__name__}).")
+        return q
+    return reference
+
+
+class FDivTrainerMixin:
+    """Shared ``compute_loss`` / metrics / model card for f-divergence trainers.
+
+    Put it first: ``class MyTrainer(FDivTrainerMixin, transformers.Trainer)``. Extra constructor
+    keywords ``divergence=`` and ``reference=`` (a spec, ``"unit"``/``"uniform"`` or a [V] tensor)
+    override the config; a plain ``TrainingArguments``/``SFTConfig`` works with the defaults
+    (``alpha:1.5``, unit reference).
+
+    The loss of a micro-batch is sum_tokens l_f / ``num_items_in_batch`` (the token count of the
+    whole gradient-accumulation window, across devices), so ``loss_is_scaled_for_ga = True`` and
+    bs x GA splits give the same update. Labels are aligned with ``input_ids`` (-100 = ignored) and
+    shifted here exactly like transformers' ``ForCausalLMLoss``.
+    """
+
+    loss_is_scaled_for_ga = True
+    _fdiv_trainer_name = "FDivTrainer"
+
+    def __init__(self, *args, divergence: Any = None, reference: Any = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._setup_fdiv(divergence, reference)
+
+    # ------------------------------------------------------------------ setup
+    def _setup_fdiv(self, divergence, reference) -> None:
+        args = self.args
+        spec = divergence if divergence is not None else getattr(args, "divergence", "alpha:1.5")
+        self.fdiv_divergence: FDivergence = get_divergence(spec)
+        ref = reference if reference is not None else getattr(args, "reference", "unit")
+        self.fdiv_reference = _resolve_reference(ref)
+        self.fdiv_max_iter = getattr(args, "fdiv_max_iter", None)
+        if not hasattr(self, "_metrics"):
+            self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        if not hasattr(self, "_total_train_tokens"):
+            self._total_train_tokens = 0
+        # We compute the loss ourselves, so make the Trainer count num_items_in_batch whatever the
+        # model's forward signature, over labels[..., 1:] for causal LMs.
+        self.model_accepts_loss_kwargs = True
+        config = getattr(self.model, "config", None)
+        self._fdiv_shift_labels = not getattr(config, "is_encoder_decoder", False)
+        self._loss_shifts_labels = self._fdiv_shift_labels
+        if hasattr(self.model, "add_model_tags"):
+            self.model.add_model_tags(["hf-fdiv", f"fdiv-{self.fdiv_divergence.name.replace(':', '-')}"])
+
+    # ------------------------------------------------------------------ loss
+    def _fdiv_targets(self, inputs: dict) -> Tensor:
+        if "shift_labels" in inputs:
+            return inputs["shift_labels"]
+        labels = inputs.get("labels")
+        if labels is None:
+            raise ValueError(
+                f"{type(self).__name__} needs `labels` in every batch (use a causal-LM collator such as "
+                "DataCollatorForLanguageModeling(tokenizer, mlm=False), or TRL's dataset preparation)."
+            )
+        if not self._fdiv_shift_labels:
+            return labels
+        return torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+
+    def _fdiv_reference_for(self, logits: Tensor):
+        ref = self.fdiv_reference
+        if isinstance(ref, Tensor) and ref.device != logits.device:
+            ref = ref.to(logits.device)
+            self.fdiv_reference = ref
+        return ref
+
+    def fdiv_loss_sum(self, logits: Tensor, targets: Tensor, stats: Optional[dict] = None) -> Tensor:
+        """Sum over target tokens of l_f(logits, target; q); the specialisation point for subclasses."""
+        return fdiv_loss(
+            logits,
+            targets,
+            self.fdiv_divergence,
+            self._fdiv_reference_for(logits),
+            reduction="sum",
+            max_iter=self.fdiv_max_iter,
+            stats=stats,
+        )
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        targets = self._fdiv_targets(inputs)
+        model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}
+        model_inputs["use_cache"] = False
+        outputs = model(**model_inputs)
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        stats: dict = {}
+        loss_sum = self.fdiv_loss_sum(logits, targets.to(logits.device), stats)
+        loss = self._normalise(loss_sum, targets, num_items_in_batch)
+        self._record_fdiv_metrics(mode, stats, inputs)
+        return (loss, outputs) if return_outputs else loss
+
+    def _normalise(self, loss_sum: Tensor, targets: Tensor, num_items_in_batch) -> Tensor:
+        """sum / num_items_in_batch (local count when absent), x world size like Trainer.compute_loss."""
+        if num_items_in_batch is None:
+            return loss_sum / (targets != IGNORE_INDEX).sum().clamp(min=1).to(loss_sum.device)
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(loss_sum.device)
+        loss = loss_sum / num_items_in_batch
+        if self.args.average_tokens_across_devices:
+            # num_items_in_batch counts every rank's tokens and DDP averages gradients over ranks.
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        return loss
+
+    # ------------------------------------------------------------------ metrics
+    def _record_fdiv_metrics(self, mode: str, stats: dict, inputs: dict) -> None:
+        keys = ("support", "entropy", "correct", "count")
+        device = self.accelerator.device
+        local = torch.stack([torch.as_tensor(stats.get(k, 0.0), dtype=torch.float64).reshape(()).to(device) for k in keys])
+        total = self.accelerator.gather_for_metrics(local[None]).reshape(-1, len(keys)).sum(0).tolist()
+        support, entropy, correct, count = total
+        metrics = self._metrics[mode]
+        if count > 0:
+            metrics["support_size"].append(support / count)
+            metrics["entropy"].append(entropy / count)
+            metrics["mean_token_accuracy"].append(correct / count)
+        if mode == "train":
+            if "attention_mask" in inputs:
+                n = inputs["attention_mask"].sum()
+            elif "position_ids" in inputs:  # padding-free batches carry no attention mask
+                n = torch.tensor(inputs["position_ids"].numel(), device=inputs["position_ids"].device)
+            else:
+                n = torch.tensor(inputs["input_ids"].numel(), device=inputs["input_ids"].device)
+            n = self.accelerator.gather_for_metrics(n.reshape(1)).sum().item()
+            self._total_train_tokens += int(n) // max(1, self.get_tp_size())
+        metrics["num_tokens"] = [self._total_train_tokens]
+
+    def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        metrics = {key: sum(val) / len(val) for key, val in self._metrics[mode].items() if len(val)}
+        if mode == "eval":
+            metrics = {f"eval_{key}": val for key, val in metrics.items()}
+        logs.update(metrics)
+        self._metrics[mode].clear()
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------ model card
+    def fdiv_card_fields(self) -> dict:
+        """Loss description for the model card; subclasses (distillation) add their fields."""
+        return model_card.loss_fields(self.fdiv_divergence, self.fdiv_reference)
+
+    def create_model_card(
+        self,
+        model_name: Optional[str] = None,
+        dataset_name: Optional[str] = None,
+        tags: Union[str, list[str], None] = None,
+        **kwargs,
+    ) -> None:
+        """Write README.md in ``args.output_dir``: the loss, the base model, the paper and its BibTeX."""
+        if not self.is_world_process_zero():
+            return
+        self._write_model_card(self.args.output_dir, model_name, dataset_name or kwargs.get("dataset"), tags)
+
+    def _write_model_card(self, output_dir, model_name=None, dataset_name=None, tags=None) -> None:
+        card = model_card.build_model_card(
+            model=self.model,
+            trainer_name=self._fdiv_trainer_name,
+            fields=self.fdiv_card_fields(),
+            model_name=model_name or os.path.basename(os.path.normpath(output_dir)),
+            hub_model_id=getattr(self, "hub_model_id", None) or self.args.hub_model_id,
+            dataset_name=dataset_name,
+            tags=tags,
+            extra_tags=list(getattr(self, "_tag_names", [])),
+            log_history=self.state.log_history,
+            global_step=self.state.global_step,
+        )
+        os.makedirs(output_dir, exist_ok=True)
+        card.save(os.path.join(output_dir, "README.md"))
+
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
+        # The card goes with every saved model (PEFT's save_pretrained writes its own README first).
+        if self.args.should_save:
+            self._write_model_card(output_dir or self.args.output_dir)

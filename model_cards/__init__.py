@@ -1,0 +1,1 @@
+"""Model card templates shipped with hf_fdiv (importable as ``hf_fdiv.model_cards``)."""

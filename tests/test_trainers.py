@@ -1,0 +1,361 @@
+"""FDivTrainer / FDivSFTTrainer on tiny in-code models: equivalence with the stock trainers for KL,
+gradient-accumulation exactness, LoRA, masking, padding-free, metrics, model cards, configs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from datasets import Dataset
+from huggingface_hub import ModelCard
+from peft import LoraConfig, PeftModel
+from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+from trl import SFTConfig, SFTTrainer, TrlParser
+
+from hf_fdiv import (
+    FDivSFTConfig,
+    FDivSFTTrainer,
+    FDivTrainer,
+    FDivTrainingArguments,
+    causal_lm_fdiv_loss,
+    fdiv_loss,
+)
+
+from tiny import COMMON, SFT_COMMON, make_model, make_tokenizer, messages_dataset, prompt_completion_dataset
+from tiny import text_dataset, tokenized_lm_dataset
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+def params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def assert_params_close(a, b, atol):
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst <= atol, worst
+
+
+def first_batch(trainer):
+    return next(iter(trainer.get_train_dataloader()))
+
+
+# --------------------------------------------------------------------------------- KL = stock
+
+
+def test_fdiv_trainer_kl_reproduces_stock_trainer(tok, tmp_path):
+    ds = tokenized_lm_dataset(tok, 8)
+    collator = DataCollatorForLanguageModeling(tok, mlm=False)
+    out = {}
+    for name, cls, args_cls, extra in [
+        ("stock", Trainer, TrainingArguments, {}),
+        ("fdiv", FDivTrainer, FDivTrainingArguments, {"divergence": "kl"}),
+    ]:
+        model = make_model(tok)
+        args = args_cls(output_dir=str(tmp_path / name), per_device_train_batch_size=8, max_steps=1,
+                        learning_rate=0.1, optim="sgd", **COMMON, **extra)
+        tr = cls(model=model, args=args, train_dataset=ds, data_collator=collator)
+        batch = first_batch(tr)
+        loss = tr.compute_loss(model, batch)
+        loss.backward()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+        model.zero_grad()
+        tr.train()
+        out[name] = (float(loss.detach()), grads, params(model))
+    assert abs(out["stock"][0] - out["fdiv"][0]) <= 1e-5
+    assert_params_close(out["stock"][1], out["fdiv"][1], 1e-5)
+    assert_params_close(out["stock"][2], out["fdiv"][2], 1e-5)
+
+
+def test_fdiv_sft_trainer_kl_reproduces_stock_sft(tok, tmp_path):
+    ds = text_dataset(8)
+    out = {}
+    for name, cls, cfg_cls, extra in [
+        ("stock", SFTTrainer, SFTConfig, {}),
+        ("fdiv", FDivSFTTrainer, FDivSFTConfig, {"divergence": "kl"}),
+    ]:
+        model = make_model(tok)
+        cfg = cfg_cls(output_dir=str(tmp_path / name), per_device_train_batch_size=8, max_steps=1,
+                      learning_rate=0.1, optim="sgd", **SFT_COMMON, **extra)
+        tr = cls(model=model, args=cfg, train_dataset=ds, processing_class=tok)
+        batch = first_batch(tr)
+        loss = tr.compute_loss(model, dict(batch))
+        loss.backward()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+        model.zero_grad()
+        tr.train()
+        out[name] = (float(loss.detach()), grads, params(model))
+    assert abs(out["stock"][0] - out["fdiv"][0]) <= 1e-5
+    assert_params_close(out["stock"][1], out["fdiv"][1], 1e-5)
+    assert_params_close(out["stock"][2], out["fdiv"][2], 1e-5)
+
+
+# --------------------------------------------------------------------------------- GA exactness
+
+
+@pytest.mark.parametrize("which", ["trainer", "sft"])
+def test_batch_size_times_accumulation_invariance(tok, tmp_path, which):
+    results = []
+    for bs, ga in [(8, 1), (4, 2), (2, 4)]:
+        model = make_model(tok)
+        common = dict(output_dir=str(tmp_path / f"{bs}x{ga}"), per_device_train_batch_size=bs,
+                      gradient_accumulation_steps=ga, max_steps=1, learning_rate=0.5, optim="sgd",
+                      divergence="alpha:1.5")
+        if which == "trainer":
+            args = FDivTrainingArguments(**common, **COMMON)
+            tr = FDivTrainer(model=model, args=args, train_dataset=tokenized_lm_dataset(tok, 8),
+                             data_collator=DataCollatorForLanguageModeling(tok, mlm=False))
+        else:
+            args = FDivSFTConfig(**common, **SFT_COMMON)
+            tr = FDivSFTTrainer(model=model, args=args, train_dataset=text_dataset(8), processing_class=tok)
+        tr.train()
+        results.append(params(model))
+    moved = max(float((results[0][k] - make_model(tok).state_dict()[k]).abs().max()) for k in results[0])
+    assert moved > 1e-3  # the step did something
+    assert_params_close(results[0], results[1], 1e-6)
+    assert_params_close(results[0], results[2], 1e-6)
+
+
+# --------------------------------------------------------------------------------- LoRA
+
+
+def test_lora_sft_trains_saves_reloads_and_generates(tok, tmp_path):
+    out = tmp_path / "lora"
+    cfg = FDivSFTConfig(output_dir=str(out), per_device_train_batch_size=4, max_steps=3, learning_rate=1e-2,
+                        **SFT_COMMON)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    tr = FDivSFTTrainer(model=make_model(tok), args=cfg, train_dataset=messages_dataset(8), processing_class=tok,
+                        peft_config=lora)
+    assert isinstance(tr.model, PeftModel)
+    before = {n: p.detach().clone() for n, p in tr.model.named_parameters() if "lora_B" in n}
+    tr.train()
+    after = {n: p.detach() for n, p in tr.model.named_parameters() if "lora_B" in n}
+    assert any(float((after[n] - before[n]).abs().max()) > 0 for n in before)
+    tr.save_model()
+    assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
+    reloaded = PeftModel.from_pretrained(make_model(tok), str(out))
+    for n, p in reloaded.named_parameters():
+        if "lora_B" in n:
+            key = n.replace(".default", "")
+            match = [v for k, v in after.items() if k.replace(".default", "") == key]
+            assert match and torch.equal(p.detach(), match[0])
+    ids = tok("the cat", return_tensors="pt")
+    gen = reloaded.generate(**ids, max_new_tokens=5, do_sample=False)
+    assert gen.shape[1] == ids["input_ids"].shape[1] + 5
+    card = ModelCard.load(str(out / "README.md"))
+    assert card.data.library_name == "peft"
+    assert "alpha:1.5" in card.text and "unit" in card.text and "roulet2025loss" in card.text
+    assert "None" not in card.text.split("## Training loss")[0]
+
+
+# --------------------------------------------------------------------------------- masks
+
+
+def manual_loss(model, input_ids, attention_mask, labels, divergence="alpha:1.5"):
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    return causal_lm_fdiv_loss(logits, labels, divergence=divergence)
+
+
+def test_completion_only_loss_equals_manual(tok, tmp_path):
+    ds = prompt_completion_dataset(8)
+    model = make_model(tok)
+    cfg = FDivSFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=1, **SFT_COMMON)
+    tr = FDivSFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok)
+    batch = first_batch(tr)
+    model.eval()
+    with torch.no_grad():
+        got = tr.compute_loss(model, dict(batch))
+    # manual targets: completion tokens (and the EOS TRL appends) only
+    labels = torch.full_like(batch["input_ids"], -100)
+    texts = {r["prompt"] + r["completion"]: r for r in ds}
+    for i, row_ids in enumerate(batch["input_ids"]):
+        n = int(batch["attention_mask"][i].sum())
+        text = tok.decode(row_ids[:n], skip_special_tokens=True)
+        row = texts[text]
+        start = len(tok(row["prompt"])["input_ids"])
+        labels[i, start:n] = row_ids[start:n]
+    assert int((labels != -100).sum()) < int(batch["attention_mask"].sum())  # prompts really are masked
+    want = manual_loss(model, batch["input_ids"], batch["attention_mask"], labels)
+    assert abs(float(got) - float(want)) <= 1e-6
+
+
+def test_assistant_only_loss_equals_manual(tok, tmp_path):
+    ds = messages_dataset(8)
+    model = make_model(tok)
+    kwargs = dict(SFT_COMMON, max_length=256)  # no truncation: rows match their rendered template
+    cfg = FDivSFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=1,
+                        assistant_only_loss=True, **kwargs)
+    tr = FDivSFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok)
+    batch = first_batch(tr)
+    model.eval()
+    with torch.no_grad():
+        got = tr.compute_loss(model, dict(batch))
+    by_text = {}
+    for r in ds:
+        enc = tok.apply_chat_template(r["messages"], return_dict=True, return_assistant_tokens_mask=True, tokenize=True)
+        by_text[tuple(enc["input_ids"])] = enc["assistant_masks"]
+    labels = torch.full_like(batch["input_ids"], -100)
+    for i, row_ids in enumerate(batch["input_ids"]):
+        n = int(batch["attention_mask"][i].sum())
+        mask = torch.tensor(by_text[tuple(row_ids[:n].tolist())], dtype=torch.bool)
+        labels[i, :n] = torch.where(mask, row_ids[:n], torch.full_like(row_ids[:n], -100))
+    assert 0 < int((labels != -100).sum()) < int(batch["attention_mask"].sum())
+    want = manual_loss(model, batch["input_ids"], batch["attention_mask"], labels)
+    assert abs(float(got) - float(want)) <= 1e-6
+
+
+def test_padding_free_equals_padded(tok, tmp_path):
+    losses = {}
+    for name, extra in [("padded", {}), ("padding_free", {"padding_free": True, "max_length": None})]:
+        model = make_model(tok)
+        kwargs = dict(SFT_COMMON)
+        kwargs.update(extra)
+        cfg = FDivSFTConfig(output_dir=str(tmp_path / name), per_device_train_batch_size=4, max_steps=1,
+                            divergence="alpha:1.5", **kwargs)
+        tr = FDivSFTTrainer(model=model, args=cfg, train_dataset=text_dataset(8), processing_class=tok)
+        batch = first_batch(tr)
+        if name == "padding_free":
+            assert batch["input_ids"].shape[0] == 1 and "position_ids" in batch
+        model.eval()
+        with torch.no_grad():
+            losses[name] = float(tr.compute_loss(model, dict(batch)))
+    assert abs(losses["padded"] - losses["padding_free"]) <= 1e-5
+
+
+# --------------------------------------------------------------------------------- training + metrics
+
+
+def test_alpha15_training_lowers_loss_and_logs_metrics(tok, tmp_path):
+    corpus = Dataset.from_dict({"text": [s for s in text_dataset(12)["text"]] * 4})
+    cfg = FDivSFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=30, learning_rate=3e-3,
+                        eval_strategy="no", **SFT_COMMON)
+
+    def accuracy(pred):
+        logits, labels = pred.predictions, pred.label_ids
+        logits = logits[0] if isinstance(logits, tuple) else logits
+        hit = (logits[:, :-1].argmax(-1) == labels[:, 1:]) & (labels[:, 1:] != -100)
+        return {"shifted_top1": float(hit.sum() / (labels[:, 1:] != -100).sum())}
+
+    tr = FDivSFTTrainer(model=make_model(tok, hidden=32), args=cfg, train_dataset=corpus,
+                        eval_dataset=text_dataset(8), processing_class=tok, compute_metrics=accuracy)
+    tr.train()
+    hist = [h for h in tr.state.log_history if "loss" in h]
+    assert len(hist) == 30
+    first = sum(h["loss"] for h in hist[:5]) / 5
+    last = sum(h["loss"] for h in hist[-5:]) / 5
+    assert last < 0.7 * first, (first, last)
+    for key in ("support_size", "entropy", "mean_token_accuracy", "num_tokens"):
+        assert key in hist[-1], key
+    assert hist[-1]["support_size"] >= 1 and hist[-1]["num_tokens"] > hist[0]["num_tokens"]
+    assert hist[-1]["mean_token_accuracy"] > hist[0]["mean_token_accuracy"]
+    metrics = tr.evaluate()
+    for key in ("eval_loss", "eval_support_size", "eval_entropy", "eval_mean_token_accuracy", "eval_shifted_top1"):
+        assert key in metrics, key
+    assert math.isfinite(metrics["eval_loss"])
+    # eval loss is the same f-divergence loss, recomputed by hand
+    batch = next(iter(tr.get_eval_dataloader()))
+    tr.model.eval()
+    with torch.no_grad():
+        logits = tr.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert abs(metrics["eval_loss"] - float(causal_lm_fdiv_loss(logits, batch["labels"]))) <= 1e-5
+
+
+# --------------------------------------------------------------------------------- drop-in swap
+
+
+def sft_script(trainer_cls, out_dir, tok):
+    """A script written for SFTTrainer/SFTConfig; the test swaps only ``trainer_cls``."""
+    args = SFTConfig(output_dir=out_dir, per_device_train_batch_size=4, max_steps=2, learning_rate=1e-3,
+                     report_to="none", bf16=False, use_cpu=True, activation_checkpointing=False, max_length=64,
+                     save_strategy="no", disable_tqdm=True)
+    trainer = trainer_cls(model=make_model(tok), args=args, train_dataset=messages_dataset(8), processing_class=tok)
+    trainer.train()
+    trainer.save_model()
+    return trainer
+
+
+def test_swapping_the_class_in_an_sft_script_runs(tok, tmp_path):
+    stock = sft_script(SFTTrainer, str(tmp_path / "stock"), tok)
+    fdiv = sft_script(FDivSFTTrainer, str(tmp_path / "fdiv"), tok)
+    assert fdiv.state.global_step == stock.state.global_step == 2
+    assert fdiv.fdiv_divergence.name == "alpha:1.5"  # defaults apply to a plain SFTConfig
+    assert (tmp_path / "fdiv" / "model.safetensors").exists()
+
+
+def test_constructor_keywords_override_config(tok, tmp_path):
+    cfg = FDivSFTConfig(output_dir=str(tmp_path), divergence="alpha:2", reference="uniform", **SFT_COMMON)
+    tr = FDivSFTTrainer(model=make_model(tok), args=cfg, train_dataset=text_dataset(4), processing_class=tok,
+                        divergence="js")
+    assert tr.fdiv_divergence.name == "js" and tr.fdiv_reference == "uniform"
+    prior = torch.rand(len(tok)) + 0.1
+    tr = FDivTrainer(model=make_model(tok), args=TrainingArguments(str(tmp_path), **COMMON),
+                     train_dataset=tokenized_lm_dataset(tok, 4), reference=prior,
+                     data_collator=DataCollatorForLanguageModeling(tok, mlm=False))
+    assert tr.fdiv_divergence.name == "alpha:1.5" and tr.fdiv_reference is prior
+    batch = first_batch(tr)
+    with torch.no_grad():
+        got = tr.compute_loss(tr.model, batch)
+        logits = tr.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert abs(float(got) - float(causal_lm_fdiv_loss(logits, batch["labels"], reference=prior))) <= 1e-6
+
+
+# --------------------------------------------------------------------------------- cards and configs
+
+
+def test_model_card_parses_and_names_the_loss(tok, tmp_path):
+    out = tmp_path / "card"
+    model = make_model(tok)
+    model.config._name_or_path = "hf-internal/tiny-qwen2"  # as if loaded from the Hub
+    cfg = FDivSFTConfig(output_dir=str(out), per_device_train_batch_size=4, max_steps=2, divergence="alpha:1.25",
+                        reference="uniform", **SFT_COMMON)
+    tr = FDivSFTTrainer(model=model, args=cfg, train_dataset=text_dataset(8), processing_class=tok)
+    tr.train()
+    tr.save_model()
+    card = ModelCard.load(str(out / "README.md"))
+    assert card.data.base_model == "hf-internal/tiny-qwen2"
+    assert card.data.library_name == "transformers"
+    assert "hf-fdiv" in card.data.tags and "fdiv-alpha-1.25" in card.data.tags
+    assert "alpha = 1.25" in card.text and "uniform (q = 1/V)" in card.text
+    assert "@inproceedings{roulet2025loss" in card.text and "2501.18537" in card.text
+    assert "FDivSFTTrainer" in card.text
+
+    # a model built in code: no base_model metadata, and the text never says "None"
+    out2 = tmp_path / "card2"
+    tr2 = FDivTrainer(model=make_model(tok), args=FDivTrainingArguments(str(out2), divergence="kl", **COMMON),
+                      train_dataset=tokenized_lm_dataset(tok, 4),
+                      data_collator=DataCollatorForLanguageModeling(tok, mlm=False))
+    tr2.save_model()
+    card2 = ModelCard.load(str(out2 / "README.md"))
+    assert card2.data.base_model is None
+    assert "initialised in code" in card2.text and "[None]" not in card2.text
+    assert "cross-entropy" in card2.text
+
+
+def test_configs_validate_and_parse(tmp_path):
+    with pytest.raises(ValueError, match="unknown divergence"):
+        FDivSFTConfig(output_dir=str(tmp_path), divergence="alpha-1.5", **SFT_COMMON)
+    with pytest.raises(ValueError, match="alpha > 0"):
+        FDivTrainingArguments(output_dir=str(tmp_path), divergence="alpha:0", **COMMON)
+    with pytest.raises(ValueError, match="reference"):
+        FDivTrainingArguments(output_dir=str(tmp_path), reference="nonexistent.pt", **COMMON)
+    parser = TrlParser((FDivSFTConfig,))
+    text = parser.format_help()
+    assert "--divergence" in text and "--reference" in text and "entmax15" in text
+    (cfg,) = parser.parse_args_and_config(
+        ["--output_dir", str(tmp_path), "--divergence", "alpha:2", "--reference", "uniform", "--bf16", "False"]
+    )
+    assert cfg.divergence == "alpha:2" and cfg.reference == "uniform"
+    prior = tmp_path / "prior.pt"
+    torch.save(torch.ones(7), prior)
+    (cfg,) = TrlParser((FDivTrainingArguments,)).parse_args_and_config(
+        ["--output_dir", str(tmp_path), "--reference", str(prior)]
+    )
+    assert cfg.reference == str(prior)

@@ -1,0 +1,94 @@
+"""Tiny tokenizer, models and data built in code (no downloads)."""
+
+from __future__ import annotations
+
+import string
+
+import torch
+from datasets import Dataset
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}<|im_end|>{% endgeneration %}"
+    "{% else %}{{ m['content'] }}<|im_end|>{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+SENTENCES = [
+    "the cat sat on the mat.",
+    "a dog ran in the park.",
+    "the sun is warm today.",
+    "we like to read books.",
+    "rain falls on the roof.",
+    "birds sing in the morning.",
+    "the tea is hot and sweet.",
+    "she walks to the old mill.",
+    "he paints the blue door.",
+    "the river runs to the sea.",
+    "a small boat sails away.",
+    "the moon lights the hill.",
+]
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    """Character-level tokenizer, 106 ids, with a ChatML template that marks assistant turns."""
+    chars = [c for c in string.printable if c not in SPECIALS]
+    vocab = {t: i for i, t in enumerate(SPECIALS + chars)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    hf.chat_template = CHAT_TEMPLATE
+    return hf
+
+
+def make_model(tok, hidden=16, layers=2, seed=0, vocab_size=None) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=vocab_size or len(tok), hidden_size=hidden, intermediate_size=4 * hidden,
+            num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+            tie_word_embeddings=False,
+        )
+    )
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    return model
+
+
+def text_dataset(n=8) -> Dataset:
+    return Dataset.from_dict({"text": [SENTENCES[i % len(SENTENCES)] * (1 + i % 3) for i in range(n)]})
+
+
+def prompt_completion_dataset(n=8) -> Dataset:
+    rows = [{"prompt": SENTENCES[i % 12][:10], "completion": SENTENCES[i % 12][10:]} for i in range(n)]
+    return Dataset.from_list(rows)
+
+
+def messages_dataset(n=8) -> Dataset:
+    rows = []
+    for i in range(n):
+        rows.append({"messages": [
+            {"role": "user", "content": SENTENCES[i % 12]},
+            {"role": "assistant", "content": SENTENCES[(i + 5) % 12]},
+        ]})
+    return Dataset.from_list(rows)
+
+
+def tokenized_lm_dataset(tok, n=8, max_length=64) -> Dataset:
+    ds = text_dataset(n)
+    return ds.map(lambda b: tok(b["text"], truncation=True, max_length=max_length), batched=True, remove_columns=["text"])
+
+
+COMMON = dict(
+    report_to="none", save_strategy="no", use_cpu=True, bf16=False, fp16=False, disable_tqdm=True,
+    dataloader_num_workers=0, seed=0, logging_steps=1,
+)
+SFT_COMMON = dict(COMMON, activation_checkpointing=False, max_length=64)
