@@ -1,4 +1,4 @@
-"""The README's Python examples run as written."""
+"""The README's runnable Python examples (```python blocks; ```py marks fragments) run as written."""
 
 import pathlib
 import re
