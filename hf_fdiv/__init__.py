@@ -26,6 +26,9 @@ _LAZY = {
     "FDivTrainingArguments": "trainers",
     "FDivSFTTrainer": "trainers",
     "FDivSFTConfig": "trainers",
+    "FDivDistillationTrainer": "trainers",
+    "FDivDistillationConfig": "trainers",
+    "add_teacher_topk": "trainers",
 }
 
 
@@ -56,5 +59,8 @@ __all__ = [
     "FDivTrainingArguments",
     "FDivSFTTrainer",
     "FDivSFTConfig",
+    "FDivDistillationTrainer",
+    "FDivDistillationConfig",
+    "add_teacher_topk",
     "__version__",
 ]

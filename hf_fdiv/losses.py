@@ -28,6 +28,7 @@ from .solver import (
     CHUNK_ELEMENTS,
     DEFAULT_MAX_ITER,
     ReferenceSpec,
+    RowProvider,
     RowSolution,
     _as_rows,
     _compute_dtype,
@@ -130,15 +131,15 @@ class FDivLossFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, target, q, div, ignore_index, label_smoothing, max_iter, stats=None):
+    def forward(ctx, x, target, q, div, ignore_index, label_smoothing, max_iter, stats=None, rows=None, stat_ids=None):
         N, V = x.shape
         cdt = _compute_dtype(x.dtype)
         need_grad = ctx.needs_input_grad[0]
         losses = torch.zeros(N, dtype=cdt, device=x.device)
-        is_ids = not target.is_floating_point()
+        lazy_target = isinstance(target, RowProvider)
+        is_ids = not lazy_target and not target.is_floating_point()
         onehot = is_ids and label_smoothing == 0.0
-        rows = None
-        if is_ids:
+        if is_ids and rows is None:
             valid = target != ignore_index
             if not bool(valid.all()):
                 rows = valid.nonzero().squeeze(1)
@@ -164,6 +165,8 @@ class FDivLossFunction(torch.autograd.Function):
                         c = target[sol.rows]
                         y = torch.full(sol.x_rows.shape, label_smoothing / V, dtype=cdt, device=x.device)
                         y.scatter_add_(1, c[:, None], torch.full_like(y[:, :1], 1.0 - label_smoothing))
+                    elif lazy_target:
+                        y = target(sol.rows).to(cdt)
                     else:
                         y = target[sol.rows].to(cdt)
                     p = sol.dense_p()
@@ -175,7 +178,8 @@ class FDivLossFunction(torch.autograd.Function):
                             grad.index_copy_(0, sol.rows, (p - y).to(x.dtype))
                 losses[sol.rows] = loss_c
                 if stats is not None:
-                    _accumulate_stats(stats, sol, target[sol.rows] if is_ids else None)
+                    ids = target if is_ids else stat_ids
+                    _accumulate_stats(stats, sol, ids[sol.rows] if ids is not None else None)
         ctx.grad_buffer = grad
         return losses
 
@@ -196,7 +200,7 @@ class FDivLossFunction(torch.autograd.Function):
             for a in range(0, N, step):
                 sl = slice(a, min(N, a + step))
                 grad[sl] = grad[sl].float() * grad_losses[sl].float()[:, None]
-        return grad, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------

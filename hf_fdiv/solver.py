@@ -42,6 +42,7 @@ __all__ = [
     "FSoftmaxFunction",
     "ReferenceSpec",
     "RowSolution",
+    "RowProvider",
     "solve_row_chunks",
     "prepare_reference",
     "CHUNK_ELEMENTS",
@@ -50,6 +51,21 @@ __all__ = [
 ]
 
 ReferenceSpec = Union[str, float, Tensor]
+
+
+class RowProvider:
+    """Per-row data computed on demand, chunk by chunk: ``provider(rows)`` returns an [n, V] tensor for
+    the rows (a slice or a LongTensor of row indices of the flattened [N, V] logits).
+
+    Used for references and targets that would be too large to materialise for a whole batch,
+    e.g. teacher probabilities projected from teacher hidden states one token chunk at a time."""
+
+    def __init__(self, fn, num_classes: int):
+        self.fn = fn
+        self.num_classes = num_classes
+
+    def __call__(self, rows) -> Tensor:
+        return self.fn(rows)
 
 #: rows per chunk = max(1, CHUNK_ELEMENTS // V): temporaries stay a few MB, in cache.
 CHUNK_ELEMENTS = 1 << 21
@@ -185,6 +201,8 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _q_rows(q: Union[float, Tensor], rows, V: int, dtype) -> Union[float, Tensor]:
     """Slice of the reference for a chunk of rows: float, [1, V] or [n, V]."""
+    if isinstance(q, RowProvider):
+        return q(rows).to(dtype)
     if not isinstance(q, Tensor):
         return q
     if q.dim() == 1:
@@ -346,6 +364,13 @@ def _shifted(x_rows: Tensor, m: Tensor, workspace: Tensor) -> Tensor:
     return z.sub_(m[:, None])
 
 
+def _check_reference_chunk(q: Tensor) -> None:
+    if not bool(torch.isfinite(q).all()) or bool((q < 0).any()):
+        raise ValueError("a computed reference chunk has negative, NaN or inf entries.")
+    if bool((q.sum(-1) <= 0).any()):
+        raise ValueError("a computed reference row is all zero: every row needs a class with q > 0.")
+
+
 def _check_row_max(m: Tensor) -> None:
     bad = ~torch.isfinite(m)
     if bool(bad.any()):
@@ -381,6 +406,7 @@ def solve_row_chunks(
     total = N if rows is None else rows.numel()
     is_kl = isinstance(div, KL)
     workspace = torch.empty((min(step, total), V), dtype=cdt, device=x.device) if total else None
+    lazy_q = isinstance(q, RowProvider)
     q_has_zero = isinstance(q, Tensor) and bool((q == 0).any())
     for a in range(0, total, step):
         b = min(total, a + step)
@@ -391,7 +417,9 @@ def solve_row_chunks(
             sel = rows[a:b]
             x_rows = x.index_select(0, sel)
         qc = _q_rows(q, sel, V, cdt)
-        if q_has_zero:
+        if lazy_q:
+            _check_reference_chunk(qc)
+        if q_has_zero or (lazy_q and bool((qc == 0).any())):
             # A zero reference excludes the class (the exact perspective limit for super-linear f).
             x_rows = x_rows.masked_fill(qc == 0, -math.inf)
         m = x_rows.amax(1).to(cdt)

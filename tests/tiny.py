@@ -92,3 +92,29 @@ COMMON = dict(
     dataloader_num_workers=0, seed=0, logging_steps=1,
 )
 SFT_COMMON = dict(COMMON, activation_checkpointing=False, max_length=64)
+
+
+def docstring_lines(min_len=30, max_len=90):
+    """Real English text available offline: docstrings of the standard library."""
+    import argparse
+    import collections
+    import email
+    import json
+    import logging
+    import pathlib
+    import re
+    import socket
+    import tempfile
+    import textwrap
+    import unittest
+
+    out = []
+    for module in (collections, email, json, logging, pathlib, re, string, textwrap, unittest, argparse, socket, tempfile):
+        for name in sorted(dir(module)):
+            doc = getattr(getattr(module, name, None), "__doc__", None)
+            if isinstance(doc, str):
+                for line in doc.splitlines():
+                    line = line.strip()
+                    if min_len <= len(line) <= max_len and line.isascii():
+                        out.append(line)
+    return list(dict.fromkeys(out))

@@ -87,6 +87,8 @@ class FDivTrainerMixin:
 
     loss_is_scaled_for_ga = True
     _fdiv_trainer_name = "FDivTrainer"
+    #: batch keys that are loss inputs, not model inputs
+    _fdiv_batch_keys: tuple = ("labels", "shift_labels")
 
     def __init__(self, *args, divergence: Any = None, reference: Any = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -134,8 +136,11 @@ class FDivTrainerMixin:
             self.fdiv_reference = ref
         return ref
 
-    def fdiv_loss_sum(self, logits: Tensor, targets: Tensor, stats: Optional[dict] = None) -> Tensor:
-        """Sum over target tokens of l_f(logits, target; q); the specialisation point for subclasses."""
+    def fdiv_loss_sum(
+        self, logits: Tensor, targets: Tensor, stats: Optional[dict] = None, inputs: Optional[dict] = None
+    ) -> Tensor:
+        """Sum over target tokens of l_f(logits, target; q); the specialisation point for subclasses
+        (``inputs`` is the whole batch, e.g. for a teacher forward)."""
         return fdiv_loss(
             logits,
             targets,
@@ -149,12 +154,12 @@ class FDivTrainerMixin:
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         targets = self._fdiv_targets(inputs)
-        model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}
+        model_inputs = {k: v for k, v in inputs.items() if k not in self._fdiv_batch_keys}
         model_inputs["use_cache"] = False
         outputs = model(**model_inputs)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         stats: dict = {}
-        loss_sum = self.fdiv_loss_sum(logits, targets.to(logits.device), stats)
+        loss_sum = self.fdiv_loss_sum(logits, targets.to(logits.device), stats, inputs)
         loss = self._normalise(loss_sum, targets, num_items_in_batch)
         self._record_fdiv_metrics(mode, stats, inputs)
         return (loss, outputs) if return_outputs else loss

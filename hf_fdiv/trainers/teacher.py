@@ -1,0 +1,205 @@
+"""Teachers for distillation: loading, vocabulary checks, chunked log-probabilities, offline top-k.
+
+A teacher's logits are never materialised for a whole batch: its backbone runs once per batch
+(hidden states [tokens, H_t]) and its LM head is applied one chunk of token rows at a time, when the
+loss asks for those rows (:class:`hf_fdiv.solver.RowProvider`). The offline path stores the top-k
+log-probabilities once in dataset columns and rebuilds a full distribution per chunk.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+TOPK_IDS = "teacher_topk_ids"
+TOPK_LOGPROBS = "teacher_topk_logprobs"
+
+
+def load_teacher(teacher: Any, init_kwargs: Optional[dict] = None):
+    """A model object is used as is; a name or path is loaded with ``AutoModelForCausalLM``."""
+    if teacher is None or not isinstance(teacher, str):
+        if init_kwargs:
+            raise ValueError("teacher_model_init_kwargs only apply when the teacher is given as a name or path.")
+        return teacher
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(init_kwargs or {})
+    dtype = kwargs.get("dtype", kwargs.pop("torch_dtype", None))
+    if isinstance(dtype, str) and dtype != "auto":
+        kwargs["dtype"] = getattr(torch, dtype)
+    return AutoModelForCausalLM.from_pretrained(teacher, **kwargs)
+
+
+def vocab_rows(model) -> int:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and getattr(head, "weight", None) is not None:
+        return int(head.weight.shape[0])
+    return int(model.config.vocab_size)
+
+
+def common_vocab(student_rows: int, teacher_rows: int, tokenizer_len: Optional[int]) -> int:
+    """Classes shared by student and teacher. Different head sizes are fine when the extra rows are
+    padding beyond the tokenizer (models pad vocabularies to multiples of 64/128); otherwise raise."""
+    if student_rows == teacher_rows:
+        return student_rows
+    common = min(student_rows, teacher_rows)
+    if tokenizer_len is not None and tokenizer_len <= common:
+        return common
+    raise ValueError(
+        f"student and teacher vocabularies differ ({student_rows} vs {teacher_rows} output rows) and the "
+        f"tokenizer has {tokenizer_len} tokens, so the extra rows are not just padding: distillation compares "
+        "distributions token by token and needs one shared tokenizer. Use a teacher from the same family, or a "
+        "cross-tokenizer method (e.g. TRL's GOLDTrainer)."
+    )
+
+
+def _head_transform(config):
+    """Logit scaling / soft-capping as the architectures apply them after the LM head."""
+    softcap = getattr(config, "final_logit_softcapping", None)
+    scale = getattr(config, "logit_scale", None)
+    divide = getattr(config, "logits_scaling", None)
+
+    def apply(z: Tensor) -> Tensor:
+        if scale is not None and not isinstance(scale, bool):
+            z = z * float(scale)
+        if divide is not None and not isinstance(divide, bool) and float(divide) != 1.0:
+            z = z / float(divide)
+        if softcap:
+            z = torch.tanh(z / softcap) * softcap
+        return z
+
+    return apply
+
+
+class TeacherLogProbs:
+    """Teacher log-probabilities at temperature T for rows of the flattened [B*T] token grid.
+
+    The backbone runs once (no grad); ``__call__(rows)`` projects only those rows through the head in
+    fp32. Falls back to one full forward for models without the backbone + head layout."""
+
+    def __init__(self, teacher, model_inputs: dict, num_classes: int, temperature: float):
+        self.num_classes = num_classes
+        self.temperature = float(temperature)
+        inputs = {k: v for k, v in model_inputs.items() if k != "use_cache"}
+        head = teacher.get_output_embeddings() if hasattr(teacher, "get_output_embeddings") else None
+        backbone = getattr(teacher, "base_model", None)
+        with torch.no_grad():
+            if head is not None and backbone is not None and backbone is not teacher and hasattr(head, "weight"):
+                hidden = backbone(**inputs, use_cache=False).last_hidden_state
+                self.hidden = hidden.reshape(-1, hidden.shape[-1])
+                self.weight = head.weight[:num_classes].float()
+                bias = getattr(head, "bias", None)
+                self.bias = bias[:num_classes].float() if bias is not None else None
+                self.logits = None
+            else:
+                out = teacher(**inputs, use_cache=False)
+                self.logits = out.logits.reshape(-1, out.logits.shape[-1])[:, :num_classes]
+        self.transform = _head_transform(teacher.config)
+
+    def __call__(self, rows) -> Tensor:
+        with torch.no_grad():
+            if self.logits is not None:
+                z = self.logits[rows].float()
+            else:
+                z = F.linear(self.hidden[rows].float(), self.weight, self.bias)
+                z = self.transform(z)
+            return torch.log_softmax(z / self.temperature, dim=-1)
+
+
+class TopKLogProbs:
+    """Teacher log-probabilities rebuilt from stored top-k columns ([B, T, k] ids and log-probs).
+
+    The mass outside the top k, 1 - sum exp(top-k), is spread uniformly over the other V - k classes
+    (with k = V this is the exact teacher); temperature T re-normalises log p / T."""
+
+    def __init__(self, topk_ids: Tensor, topk_logprobs: Tensor, num_classes: int, temperature: float):
+        self.ids = topk_ids.reshape(-1, topk_ids.shape[-1]).long()
+        self.logprobs = topk_logprobs.reshape(-1, topk_logprobs.shape[-1]).float()
+        self.num_classes = num_classes
+        self.temperature = float(temperature)
+        k = self.ids.shape[-1]
+        if k > num_classes:
+            raise ValueError(f"stored teacher top-k has k={k} > V={num_classes} classes.")
+
+    def __call__(self, rows) -> Tensor:
+        ids, lp = self.ids[rows], self.logprobs[rows]
+        if bool((ids >= self.num_classes).any()):
+            raise ValueError(
+                f"stored teacher top-k ids reach {int(ids.max())} but the student has {self.num_classes} classes: "
+                "the columns were computed with another vocabulary."
+            )
+        k = ids.shape[-1]
+        rest = torch.full((ids.shape[0], 1), -math.inf, dtype=lp.dtype, device=lp.device)
+        if k < self.num_classes:
+            mass = (1 - lp.exp().sum(-1, keepdim=True)).clamp(min=0)
+            rest = torch.log(mass / (self.num_classes - k))
+        full = rest.expand(ids.shape[0], self.num_classes).clone()
+        full.scatter_(1, ids, lp)
+        return torch.log_softmax(full / self.temperature, dim=-1)
+
+
+def add_teacher_topk(
+    dataset,
+    teacher,
+    k: int,
+    batch_size: int = 8,
+    pad_token_id: int = 0,
+):
+    """Store the teacher's top-k next-token log-probabilities (temperature 1) in dataset columns.
+
+    ``dataset`` is tokenized (``input_ids``, e.g. the ``train_dataset`` of an FDivSFTTrainer or
+    FDivDistillationTrainer after preparation). Adds ``teacher_topk_ids`` and
+    ``teacher_topk_logprobs``: one list of k entries per position, aligned with the logits (position i
+    predicts token i + 1). Distil from them with no teacher in memory: pass the dataset to
+    :class:`~hf_fdiv.FDivDistillationTrainer` without a teacher.
+    """
+    if "input_ids" not in dataset.column_names:
+        raise ValueError("add_teacher_topk needs a tokenized dataset with an `input_ids` column.")
+    device = next(teacher.parameters()).device
+    was_training = teacher.training
+    teacher.eval()
+    V = vocab_rows(teacher)
+    if not (1 <= k <= V):
+        raise ValueError(f"k must be in [1, {V}], got {k}.")
+
+    def compute(batch):
+        seqs = batch["input_ids"]
+        L = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), L), pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), L), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+        lp = TeacherLogProbs(teacher, {"input_ids": ids.to(device), "attention_mask": mask.to(device)}, V, 1.0)
+        rows = torch.arange(ids.numel(), device=device)
+        out_ids, out_lp = [], []
+        step = max(1, (1 << 21) // V)
+        for a in range(0, rows.numel(), step):
+            vals, idx = lp(rows[a : a + step]).topk(k, dim=-1)
+            out_ids.append(idx.cpu())
+            out_lp.append(vals.cpu())
+        top_ids = torch.cat(out_ids).view(len(seqs), L, k)
+        top_lp = torch.cat(out_lp).view(len(seqs), L, k)
+        return {
+            TOPK_IDS: [top_ids[i, : len(s)].tolist() for i, s in enumerate(seqs)],
+            TOPK_LOGPROBS: [top_lp[i, : len(s)].tolist() for i, s in enumerate(seqs)],
+        }
+
+    try:
+        return dataset.map(compute, batched=True, batch_size=batch_size, desc=f"Teacher top-{k} log-probs")
+    finally:
+        teacher.train(was_training)
+
+
+def pad_topk(features: list, key: str, length: int, value: Union[int, float]) -> Tensor:
+    k = len(features[0][key][0])
+    dtype = torch.long if key == TOPK_IDS else torch.float32
+    out = torch.full((len(features), length, k), value, dtype=dtype)
+    for i, f in enumerate(features):
+        rows = torch.tensor(f[key], dtype=dtype)[:length]
+        out[i, : rows.shape[0]] = rows
+    return out

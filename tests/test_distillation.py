@@ -1,0 +1,289 @@
+"""FDivDistillationTrainer on tiny in-code teacher/student pairs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from huggingface_hub import ModelCard
+from peft import LoraConfig, PeftModel
+
+from hf_fdiv import (
+    FDivDistillationConfig,
+    FDivDistillationTrainer,
+    FDivSFTConfig,
+    FDivSFTTrainer,
+    add_teacher_topk,
+    f_softargmax,
+    fdiv_loss,
+)
+
+from tiny import SFT_COMMON, docstring_lines, make_model, make_tokenizer, messages_dataset, text_dataset
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+def distiller(tok, tmp_path, teacher=None, student=None, dataset=None, **cfg):
+    kwargs = dict(SFT_COMMON)
+    kwargs.update(per_device_train_batch_size=8, max_steps=1, learning_rate=0.1, optim="sgd")
+    kwargs.update(cfg)
+    args = FDivDistillationConfig(output_dir=str(tmp_path), **kwargs)
+    return FDivDistillationTrainer(
+        model=student if student is not None else make_model(tok),
+        teacher_model=teacher if teacher is not None else make_model(tok, hidden=32, seed=1),
+        args=args, train_dataset=dataset if dataset is not None else messages_dataset(8), processing_class=tok,
+    )
+
+
+def batch_of(trainer):
+    return dict(next(iter(trainer.get_train_dataloader())))
+
+
+def grads_of(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+# --------------------------------------------------------------------------------- exact losses
+
+
+def test_kl_target_mode_is_forward_kl_teacher_student(tok, tmp_path):
+    tr = distiller(tok, tmp_path, divergence="kl", teacher_mode="target", temperature=1.0)
+    batch = batch_of(tr)
+    student, teacher = tr.model, tr.teacher_model
+    loss = tr.compute_loss(student, dict(batch))
+    loss.backward()
+    got = grads_of(student)
+    student.zero_grad()
+    s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    with torch.no_grad():
+        t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    valid = batch["labels"][:, 1:] != -100
+    pt = torch.softmax(t, -1)
+    kl = (pt * (torch.log_softmax(t, -1) - torch.log_softmax(s, -1))).sum(-1)
+    want = kl[valid].sum() / valid.sum()
+    want.backward()
+    assert abs(float(loss.detach()) - float(want.detach())) <= 1e-5
+    ref = grads_of(student)
+    assert max(float((got[k] - ref[k]).abs().max()) for k in ref) <= 1e-6
+
+
+def test_kl_reference_mode_is_cross_entropy_on_shifted_logits(tok, tmp_path):
+    tr = distiller(tok, tmp_path, divergence="kl", teacher_mode="reference", reference_floor=0.0)
+    batch = batch_of(tr)
+    student, teacher = tr.model, tr.teacher_model
+    with torch.no_grad():
+        loss = tr.compute_loss(student, dict(batch))
+        s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    want = F.cross_entropy((s + torch.log_softmax(t, -1)).flatten(0, 1), labels.flatten())
+    assert abs(float(loss) - float(want)) <= 1e-5
+
+
+@pytest.mark.parametrize("mode", ["target", "reference"])
+def test_temperature_and_label_weight(tok, tmp_path, mode):
+    extra = {"label_weight": 0.3} if mode == "target" else {"reference_mix": 0.1, "reference_floor": 1e-6}
+    tr = distiller(tok, tmp_path, teacher_mode=mode, temperature=2.0, divergence="alpha:1.5", **extra)
+    batch = batch_of(tr)
+    with torch.no_grad():
+        loss = tr.compute_loss(tr.model, dict(batch))
+        s = tr.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        t = tr.teacher_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    valid = labels != -100
+    pt = torch.softmax(t / 2.0, -1)[valid]
+    V = s.shape[-1]
+    if mode == "target":
+        y = 0.7 * pt + 0.3 * F.one_hot(labels[valid], V).float()
+        want = fdiv_loss(s[valid], y, "alpha:1.5", reduction="sum") / valid.sum()
+    else:
+        q = (0.9 * pt + 0.1 / V).clamp(min=1e-6)
+        want = fdiv_loss(s[valid], labels[valid], "alpha:1.5", q, reduction="sum") / valid.sum()
+    assert abs(float(loss) - float(want)) <= 1e-5
+
+
+# --------------------------------------------------------------------------------- GA exactness
+
+
+@pytest.mark.parametrize("mode", ["target", "reference"])
+def test_batch_size_times_accumulation_invariance(tok, tmp_path, mode):
+    out = []
+    for bs, ga in [(8, 1), (4, 2), (2, 4)]:
+        tr = distiller(tok, tmp_path / f"{bs}", teacher_mode=mode, per_device_train_batch_size=bs,
+                       gradient_accumulation_steps=ga, learning_rate=0.5)
+        tr.train()
+        out.append({n: p.detach().clone() for n, p in tr.model.named_parameters()})
+    for other in out[1:]:
+        assert max(float((out[0][k] - other[k]).abs().max()) for k in other) <= 1e-6
+
+
+# --------------------------------------------------------------------------------- it learns
+
+
+@pytest.fixture(scope="module")
+def trained_teacher(tok, tmp_path_factory):
+    """A teacher trained a little on real English (standard-library docstrings)."""
+    lines = docstring_lines()
+    train, held_out = lines[:-96], lines[-96:]
+    cfg = FDivSFTConfig(output_dir=str(tmp_path_factory.mktemp("teacher")), divergence="kl",
+                        per_device_train_batch_size=16, max_steps=120, learning_rate=5e-3, **SFT_COMMON)
+    tr = FDivSFTTrainer(model=make_model(tok, hidden=64, seed=3), args=cfg, train_dataset=Dataset.from_dict({"text": train}),
+                        processing_class=tok)
+    tr.train()
+    teacher = tr.model.eval()
+    return teacher, train, held_out
+
+
+def held_out_batch(tok, lines):
+    enc = tok(lines, padding=True, truncation=True, max_length=64, return_tensors="pt")
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    return enc["input_ids"], enc["attention_mask"], labels
+
+
+def logits_pair(student, teacher, ids, mask):
+    with torch.no_grad():
+        s = student(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        t = teacher(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    return s, t
+
+
+def test_target_mode_student_gets_closer_to_teacher(tok, tmp_path, trained_teacher):
+    teacher, train, held_out = trained_teacher
+    ids, mask, labels = held_out_batch(tok, held_out)
+    valid = labels[:, 1:] != -100
+
+    def measure(student):
+        s, t = logits_pair(student, teacher, ids, mask)
+        agree = float((s.argmax(-1) == t.argmax(-1))[valid].float().mean())
+        div = float(fdiv_loss(s[valid], torch.softmax(t[valid], -1), "alpha:1.5"))
+        return agree, div
+
+    student = make_model(tok, hidden=32, seed=7)
+    before = measure(student)
+    tr = distiller(tok, tmp_path, teacher=teacher, student=student, dataset=Dataset.from_dict({"text": train}),
+                   teacher_mode="target", divergence="alpha:1.5", per_device_train_batch_size=16, max_steps=40,
+                   learning_rate=5e-3, optim="adamw_torch")
+    tr.train()
+    after = measure(tr.model.eval())
+    assert after[0] > before[0] + 0.15, (before, after)  # top-1 agreement with the teacher up
+    assert after[1] < 0.6 * before[1], (before, after)  # divergence to the teacher down
+
+
+def test_reference_mode_combined_predictor_beats_teacher(tok, tmp_path, trained_teacher):
+    teacher, train, held_out = trained_teacher
+    ids, mask, labels = held_out_batch(tok, held_out)
+    target = labels[:, 1:]
+    valid = target != -100
+
+    def fit(s, q):
+        p = f_softargmax(s[valid], "alpha:1.5", q)
+        acc = float((p.argmax(-1) == target[valid]).float().mean())
+        return float(fdiv_loss(s[valid], target[valid], "alpha:1.5", q)), acc
+
+    student = make_model(tok, hidden=32, seed=7)
+    tr = distiller(tok, tmp_path, teacher=teacher, student=student, dataset=Dataset.from_dict({"text": train}),
+                   teacher_mode="reference", divergence="alpha:1.5", per_device_train_batch_size=16, max_steps=80,
+                   learning_rate=1e-2, optim="adamw_torch")
+    tr.train()
+    s, t = logits_pair(tr.model.eval(), teacher, ids, mask)
+    q = torch.softmax(t[valid], -1).clamp(min=1e-12)
+    combined = fit(s, q)
+    teacher_alone = fit(torch.zeros_like(s), q)  # f-softargmax(0; q) = q: the teacher's own prediction
+    assert combined[0] < teacher_alone[0] - 0.08, (combined, teacher_alone)
+    assert combined[1] >= teacher_alone[1], (combined, teacher_alone)
+
+
+# --------------------------------------------------------------------------------- LoRA, vocab, offline
+
+
+def test_lora_student(tok, tmp_path):
+    kwargs = dict(SFT_COMMON)
+    kwargs.update(per_device_train_batch_size=4, max_steps=3, learning_rate=1e-2)
+    args = FDivDistillationConfig(output_dir=str(tmp_path), **kwargs)
+    tr = FDivDistillationTrainer(model=make_model(tok), teacher_model=make_model(tok, hidden=32, seed=1), args=args,
+                                 train_dataset=messages_dataset(8), processing_class=tok,
+                                 peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    assert isinstance(tr.model, PeftModel)
+    tr.train()
+    tr.save_model()
+    assert (tmp_path / "adapter_model.safetensors").exists()
+    assert ModelCard.load(str(tmp_path / "README.md")).data.library_name == "peft"
+
+
+def test_vocabulary_padding_rows_ok_and_mismatch_is_a_clear_error(tok, tmp_path):
+    V = len(tok)
+    tr = distiller(tok, tmp_path, teacher=make_model(tok, hidden=32, seed=1, vocab_size=V + 22),
+                   student=make_model(tok, vocab_size=V + 10))
+    assert tr.num_classes == V + 10
+    tr.train()
+    with pytest.raises(ValueError, match=r"vocabularies differ \(106 vs 100 output rows\).*106 tokens"):
+        distiller(tok, tmp_path, teacher=make_model(tok, hidden=32, seed=1, vocab_size=V - 6))
+
+
+def test_offline_topk_equals_online_at_full_k_and_trains_with_small_k(tok, tmp_path):
+    teacher = make_model(tok, hidden=32, seed=1)
+    online = distiller(tok, tmp_path / "online", teacher=teacher, divergence="alpha:1.5")
+    with torch.no_grad():
+        want = online.compute_loss(online.model, batch_of(online))
+    full = add_teacher_topk(online.train_dataset, teacher, k=len(tok), pad_token_id=tok.pad_token_id)
+    kwargs = dict(SFT_COMMON)
+    kwargs.update(per_device_train_batch_size=8, max_steps=1, divergence="alpha:1.5")
+    offline = FDivDistillationTrainer(model=make_model(tok), args=FDivDistillationConfig(output_dir=str(tmp_path / "off"), **kwargs),
+                                      train_dataset=full, processing_class=tok)
+    assert offline.teacher_model is None
+    with torch.no_grad():
+        got = offline.compute_loss(offline.model, batch_of(offline))
+    assert abs(float(got) - float(want)) <= 1e-5
+
+    small = add_teacher_topk(online.train_dataset, teacher, k=8, pad_token_id=tok.pad_token_id)
+    kwargs.update(max_steps=15, learning_rate=1e-2, per_device_train_batch_size=4)
+    tr = FDivDistillationTrainer(model=make_model(tok), args=FDivDistillationConfig(output_dir=str(tmp_path / "k8"), **kwargs),
+                                 train_dataset=small, processing_class=tok)
+    tr.train()
+    losses = [h["loss"] for h in tr.state.log_history if "loss" in h]
+    assert sum(losses[-3:]) < sum(losses[:3])
+
+
+# --------------------------------------------------------------------------------- on-policy, card, config
+
+
+def test_on_policy_generation_recounts_tokens(tok, tmp_path):
+    tr = distiller(tok, tmp_path, lmbda=1.0, max_new_tokens=6, per_device_train_batch_size=4, max_steps=2)
+    original = batch_of(tr)
+    samples, n = tr.get_batch_samples(iter(tr.get_train_dataloader()), 2, tr.args.device)
+    assert len(samples) == 2
+    count = sum(int((b["labels"][..., 1:] != -100).sum()) for b in samples)
+    assert int(n) == count
+    first = samples[0]
+    assert not torch.equal(first["labels"], original["labels"])  # completions were regenerated
+    for row_ids, row_labels in zip(first["input_ids"], first["labels"]):
+        targets = (row_labels != -100).nonzero().flatten()
+        assert 1 <= len(targets) <= 6
+    tr.train()
+    assert tr.state.global_step == 2
+
+
+def test_card_names_teacher_mode_temperature(tok, tmp_path):
+    teacher = make_model(tok, hidden=32, seed=1)
+    teacher.config._name_or_path = "acme/tiny-teacher"
+    tr = distiller(tok, tmp_path, teacher=teacher, teacher_mode="reference", temperature=2.0, divergence="js")
+    tr.train()
+    tr.save_model()
+    card = ModelCard.load(str(tmp_path / "README.md"))
+    for text in ("acme/tiny-teacher", "`reference`", "temperature T | 2.0", "`js`", "learns a correction to the teacher",
+                 "teacher's probabilities at T = 2"):
+        assert text in card.text, text
+
+
+def test_config_errors(tok, tmp_path):
+    with pytest.raises(ValueError, match="teacher_mode"):
+        FDivDistillationConfig(output_dir=str(tmp_path), teacher_mode="both", **SFT_COMMON)
+    with pytest.raises(ValueError, match="label_weight"):
+        FDivDistillationConfig(output_dir=str(tmp_path), teacher_mode="reference", label_weight=0.5, **SFT_COMMON)
+    with pytest.raises(ValueError, match="needs a teacher"):
+        FDivDistillationTrainer(model=make_model(tok), args=FDivDistillationConfig(output_dir=str(tmp_path), **SFT_COMMON),
+                                train_dataset=text_dataset(4), processing_class=tok)
