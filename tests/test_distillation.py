@@ -287,3 +287,17 @@ def test_config_errors(tok, tmp_path):
     with pytest.raises(ValueError, match="needs a teacher"):
         FDivDistillationTrainer(model=make_model(tok), args=FDivDistillationConfig(output_dir=str(tmp_path), **SFT_COMMON),
                                 train_dataset=text_dataset(4), processing_class=tok)
+
+
+def test_teacher_from_path_with_init_kwargs(tok, tmp_path):
+    teacher = make_model(tok, hidden=32, seed=1)
+    teacher.save_pretrained(tmp_path / "teacher")
+    kwargs = dict(SFT_COMMON)
+    kwargs.update(per_device_train_batch_size=4, max_steps=1, teacher_model_name_or_path=str(tmp_path / "teacher"),
+                  teacher_model_init_kwargs={"dtype": "float32"})
+    tr = FDivDistillationTrainer(model=make_model(tok), args=FDivDistillationConfig(output_dir=str(tmp_path / "s"), **kwargs),
+                                 train_dataset=messages_dataset(4), processing_class=tok)
+    assert not tr.teacher_model.training
+    assert all(not p.requires_grad for p in tr.teacher_model.parameters())
+    assert torch.equal(tr.teacher_model.lm_head.weight, teacher.lm_head.weight)
+    tr.train()
