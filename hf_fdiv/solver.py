@@ -392,20 +392,24 @@ def solve_row_chunks(
     max_iter: Optional[int] = None,
     topk: int = SPARSE_TOPK,
     chunk_elements: int = CHUNK_ELEMENTS,
+    workspace: Optional[Tensor] = None,
 ) -> Iterator[RowSolution]:
     """The one place that owns chunking: solve f-softargmax for the rows of ``x`` [N, V].
 
     ``q`` is a float, a [V] prior or [N, V] rows (see :func:`prepare_reference`). ``rows``
     (optional LongTensor) restricts the solve to those rows (e.g. non-ignored targets). With
     ``out`` ([N, V], any float dtype), dense p is written into ``out[rows]`` as each chunk is solved.
-    Yields a :class:`RowSolution` per chunk, in order; consume it before advancing.
+    Yields a :class:`RowSolution` per chunk, in order; consume it before advancing. ``workspace``
+    (optional, [>= rows per chunk, V] in the compute dtype) is reused instead of allocated.
     """
     N, V = x.shape
     cdt = torch.float64 if div.solve_in_fp64 else _compute_dtype(x.dtype)
     step = max(1, chunk_elements // max(V, 1))
     total = N if rows is None else rows.numel()
     is_kl = isinstance(div, KL)
-    workspace = torch.empty((min(step, total), V), dtype=cdt, device=x.device) if total else None
+    rows_per_chunk = min(step, total)
+    if workspace is None or workspace.dtype != cdt or workspace.shape[0] < rows_per_chunk or workspace.shape[1] != V:
+        workspace = torch.empty((rows_per_chunk, V), dtype=cdt, device=x.device) if total else None
     lazy_q = isinstance(q, RowProvider)
     q_has_zero = isinstance(q, Tensor) and bool((q == 0).any())
     for a in range(0, total, step):

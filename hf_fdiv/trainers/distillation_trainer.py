@@ -23,9 +23,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from ..losses import FDivLossFunction
-from ..solver import RowProvider, _as_rows, _q_for_rows, prepare_reference
-from .mixin import IGNORE_INDEX
+from ..solver import RowProvider
+from .mixin import IGNORE_INDEX, LossSpec
 from .sft_trainer import FDivSFTConfig, FDivSFTTrainer
 from .teacher import TOPK_IDS, TOPK_LOGPROBS, TeacherLogProbs, TopKLogProbs, common_vocab, load_teacher
 from .teacher import pad_topk, vocab_rows
@@ -158,15 +157,14 @@ class FDivDistillationTrainer(FDivSFTTrainer):
         model_inputs = {k: v for k, v in inputs.items() if k not in self._fdiv_batch_keys}
         return TeacherLogProbs(self.teacher_model, model_inputs, self.num_classes, T)
 
-    def fdiv_loss_sum(self, logits: Tensor, targets: Tensor, stats=None, inputs=None) -> Tensor:
+    def fdiv_num_classes(self, vocab_rows: int) -> int:
+        return self.num_classes
+
+    def fdiv_loss_spec(self, targets: Tensor, inputs: dict, num_classes: int) -> LossSpec:
         args = self.args
-        V = self.num_classes
-        student = logits[..., :V] if logits.shape[-1] != V else logits
-        x, shape = _as_rows(student, -1)
-        t = targets.reshape(-1).to(x.device)
+        V = num_classes
+        t = targets.reshape(-1)
         rows = (t != IGNORE_INDEX).nonzero().squeeze(1)
-        if rows.numel() == 0:
-            return student.sum() * 0.0
         bad = (t[rows] < 0) | (t[rows] >= V)
         if bool(bad.any()):
             raise ValueError(f"label ids must be in [0, {V}) or {IGNORE_INDEX}; got {int(t[rows][bad][0])}.")
@@ -180,25 +178,16 @@ class FDivDistillationTrainer(FDivSFTTrainer):
                     y.mul_(1 - lam).scatter_add_(1, t[r][:, None], torch.full_like(y[:, :1], lam))
                 return y
 
-            q = _q_for_rows(prepare_reference(self._fdiv_reference_for(x), x), shape)
-            per_row = FDivLossFunction.apply(
-                x, RowProvider(target_rows, V), q, self.fdiv_divergence, IGNORE_INDEX, 0.0, self.fdiv_max_iter,
-                stats, rows, t,
-            )
-        else:
-            floor, mix = args.reference_floor, args.reference_mix
+            return LossSpec(RowProvider(target_rows, V), self._fdiv_reference_for(t.device), rows, t)
+        floor, mix = args.reference_floor, args.reference_mix
 
-            def reference_rows(r):
-                q = teacher(r).exp_()
-                if mix > 0:
-                    q.mul_(1 - mix).add_(mix / V)
-                return q.clamp_(min=floor) if floor > 0 else q
+        def reference_rows(r):
+            q = teacher(r).exp_()
+            if mix > 0:
+                q.mul_(1 - mix).add_(mix / V)
+            return q.clamp_(min=floor) if floor > 0 else q
 
-            per_row = FDivLossFunction.apply(
-                x, t, RowProvider(reference_rows, V), self.fdiv_divergence, IGNORE_INDEX, 0.0, self.fdiv_max_iter,
-                stats, rows, None,
-            )
-        return per_row.sum()
+        return LossSpec(t, RowProvider(reference_rows, V), rows, None)
 
     # ------------------------------------------------------------------ on-policy
     def get_batch_samples(self, epoch_iterator, num_batches, device):

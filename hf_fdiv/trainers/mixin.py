@@ -8,6 +8,7 @@ the gradient-accumulation contract of ``num_items_in_batch``), the metrics, and 
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -17,10 +18,36 @@ import torch
 from torch import Tensor
 
 from ..divergences import FDivergence, get_divergence
-from ..losses import fdiv_loss
+from ..fused import LogitTransform, fused_linear_fdiv_loss
+from ..losses import FDivLossFunction, _check_targets
+from ..solver import RowProvider, _as_rows, _q_for_rows, prepare_reference
 from . import model_card
 
 IGNORE_INDEX = -100
+
+
+@dataclass
+class LossSpec:
+    """The loss inputs on the flattened token grid: ``target`` (ids with -100, or a RowProvider of
+    target distributions), ``reference`` (spec, tensor or RowProvider), ``rows`` (rows to fit; None:
+    the non-ignored ids) and ``stat_ids`` (ids for the accuracy metric when the target is soft)."""
+
+    target: Any
+    reference: Any
+    rows: Optional[Tensor] = None
+    stat_ids: Optional[Tensor] = None
+
+
+def _is_plain_linear(module) -> bool:
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils.other import ModulesToSaveWrapper
+
+        if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
+            return False
+    except ImportError:  # pragma: no cover
+        pass
+    return isinstance(getattr(module, "weight", None), Tensor)
 
 
 @dataclass
@@ -44,6 +71,11 @@ class FDivLossArguments:
     fdiv_max_iter: Optional[int] = field(
         default=None,
         metadata={"help": "Cap on root-search passes per chunk of rows (default 60, 200 for alpha > 2)."},
+    )
+    fdiv_fused: bool = field(
+        default=True,
+        metadata={"help": "Fuse the loss with the LM head (never materialise [tokens x vocab] logits) when the model has "
+                  "the standard backbone + lm_head layout. False: use the model's logits."},
     )
 
     def _validate_fdiv(self) -> None:
@@ -102,6 +134,7 @@ class FDivTrainerMixin:
         ref = reference if reference is not None else getattr(args, "reference", "unit")
         self.fdiv_reference = _resolve_reference(ref)
         self.fdiv_max_iter = getattr(args, "fdiv_max_iter", None)
+        self.fdiv_fused = bool(getattr(args, "fdiv_fused", True))
         if not hasattr(self, "_metrics"):
             self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         if not hasattr(self, "_total_train_tokens"):
@@ -129,37 +162,102 @@ class FDivTrainerMixin:
             return labels
         return torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
 
-    def _fdiv_reference_for(self, logits: Tensor):
+    def _fdiv_reference_for(self, device):
         ref = self.fdiv_reference
-        if isinstance(ref, Tensor) and ref.device != logits.device:
-            ref = ref.to(logits.device)
+        if isinstance(ref, Tensor) and ref.device != torch.device(device):
+            ref = ref.to(device)
             self.fdiv_reference = ref
         return ref
 
-    def fdiv_loss_sum(
-        self, logits: Tensor, targets: Tensor, stats: Optional[dict] = None, inputs: Optional[dict] = None
-    ) -> Tensor:
-        """Sum over target tokens of l_f(logits, target; q); the specialisation point for subclasses
-        (``inputs`` is the whole batch, e.g. for a teacher forward)."""
-        return fdiv_loss(
-            logits,
-            targets,
-            self.fdiv_divergence,
-            self._fdiv_reference_for(logits),
-            reduction="sum",
-            max_iter=self.fdiv_max_iter,
-            stats=stats,
+    def fdiv_num_classes(self, vocab_rows: int) -> int:
+        """Classes the loss is over (distillation: the part shared with the teacher)."""
+        return vocab_rows
+
+    def fdiv_loss_spec(self, targets: Tensor, inputs: dict, num_classes: int) -> LossSpec:
+        """What to fit on the flattened token grid: the specialisation point of the trainers.
+
+        Default: class ids with -100 ignored and the configured reference."""
+        return LossSpec(target=targets.reshape(-1), reference=self._fdiv_reference_for(targets.device))
+
+    def _fdiv_loss_from_logits(self, logits: Tensor, targets: Tensor, stats: dict, inputs: dict) -> Tensor:
+        V = self.fdiv_num_classes(logits.shape[-1])
+        x, shape = _as_rows(logits[..., :V] if logits.shape[-1] != V else logits, -1)
+        spec = self.fdiv_loss_spec(targets.to(x.device), inputs, V)
+        if isinstance(spec.reference, RowProvider):
+            q = spec.reference
+        else:
+            q = _q_for_rows(prepare_reference(spec.reference, x.view(*shape)), shape)
+        if spec.rows is None:
+            _check_targets(spec.target, x, IGNORE_INDEX)
+        per_row = FDivLossFunction.apply(
+            x, spec.target, q, self.fdiv_divergence, IGNORE_INDEX, 0.0, self.fdiv_max_iter, stats, spec.rows,
+            spec.stat_ids,
         )
+        return per_row.sum()
+
+    def _fdiv_fused_parts(self, model):
+        """(backbone, head, config) when the loss can be fused with the LM head, else None."""
+        if not getattr(self, "fdiv_fused", False):
+            return None
+        unwrapped = self.accelerator.unwrap_model(model)
+        base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+        head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+        backbone = getattr(base, "base_model", None)
+        if head is None or backbone is None or backbone is base or not isinstance(head, torch.nn.Module):
+            return None
+        if not _is_plain_linear(head):
+            raise ValueError(
+                "the fused f-divergence loss reads the LM head weight directly, but the lm_head is adapted (LoRA / "
+                "modules_to_save): leave lm_head out of the PEFT target modules, or set fdiv_fused=False to use the "
+                "materialised logits."
+            )
+        if "logits_to_keep" not in inspect.signature(base.forward).parameters:
+            return None
+        return backbone, head, base.config
+
+    def _fdiv_loss_fused(self, model, model_inputs, targets, stats, inputs, parts):
+        backbone, head, config = parts
+        captured = {}
+
+        def grab(module, args, output):
+            captured["h"] = output[0] if isinstance(output, tuple) else getattr(output, "last_hidden_state", output)
+
+        handle = backbone.register_forward_hook(grab)
+        try:
+            # Through the (possibly DDP-wrapped) model, computing the logits of one position only.
+            outputs = model(**model_inputs, logits_to_keep=1)
+        finally:
+            handle.remove()
+        hidden = captured["h"]
+        V = self.fdiv_num_classes(head.weight.shape[0])
+        spec = self.fdiv_loss_spec(targets.to(hidden.device), inputs, V)
+        reference = spec.reference
+        if isinstance(reference, Tensor) and reference.dim() > 1:  # per-position q: serve it by rows
+            q_rows = reference.expand(*targets.shape, V).reshape(-1, V)
+            reference = RowProvider(lambda r: q_rows[r], V)
+        weight = head.weight[:V] if head.weight.shape[0] != V else head.weight
+        bias = getattr(head, "bias", None)
+        bias = bias[:V] if bias is not None and bias.shape[0] != V else bias
+        loss_sum = fused_linear_fdiv_loss(
+            hidden.reshape(-1, hidden.shape[-1]), weight, spec.target, self.fdiv_divergence, reference, bias=bias,
+            transform=LogitTransform.from_config(config), max_iter=self.fdiv_max_iter, stats=stats, rows=spec.rows,
+            stat_ids=spec.stat_ids,
+        )
+        return outputs, loss_sum
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         targets = self._fdiv_targets(inputs)
         model_inputs = {k: v for k, v in inputs.items() if k not in self._fdiv_batch_keys}
         model_inputs["use_cache"] = False
-        outputs = model(**model_inputs)
-        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         stats: dict = {}
-        loss_sum = self.fdiv_loss_sum(logits, targets.to(logits.device), stats, inputs)
+        parts = None if return_outputs else self._fdiv_fused_parts(model)  # logits wanted: materialise them
+        if parts is not None:
+            outputs, loss_sum = self._fdiv_loss_fused(model, model_inputs, targets, stats, inputs, parts)
+        else:
+            outputs = model(**model_inputs)
+            logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+            loss_sum = self._fdiv_loss_from_logits(logits, targets, stats, inputs)
         loss = self._normalise(loss_sum, targets, num_items_in_batch)
         self._record_fdiv_metrics(mode, stats, inputs)
         return (loss, outputs) if return_outputs else loss
