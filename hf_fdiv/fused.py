@@ -79,6 +79,7 @@ class _Spec:
     stats: Optional[dict]
     stat_ids: Optional[Tensor]
     chunk_rows: int
+    skip_nonfinite: bool = False
 
 
 class FusedLinearFDivFunction(torch.autograd.Function):
@@ -101,6 +102,7 @@ class FusedLinearFDivFunction(torch.autograd.Function):
         onehot = not isinstance(spec.target, RowProvider)
         c = spec.chunk_rows
         zbuf = torch.empty((min(c, spec.rows.numel()), V), dtype=cdt, device=dev)
+        dzbuf = torch.empty_like(zbuf)
         workspace = torch.empty_like(zbuf)
         for a in range(0, spec.rows.numel(), c):
             rows = spec.rows[a : a + c]
@@ -113,38 +115,70 @@ class FusedLinearFDivFunction(torch.autograd.Function):
                 torch.addmm(b32, h, w32.T, out=z)
             spec.transform.apply(z)
             q = spec.reference(rows) if isinstance(spec.reference, RowProvider) else spec.reference
-            (sol,) = solve_row_chunks(z, q, spec.div, max_iter=spec.max_iter, chunk_elements=n * V, workspace=workspace)
-            if onehot:
-                t = spec.target[rows]
-                total += _onehot_value(sol, t, spec.div).sum()
-            else:
-                y = spec.target(rows).to(cdt)
-                total += _soft_value(sol.dense_p(), y, sol, spec.div).sum()
-            if spec.stats is not None:
-                ids = spec.target if onehot else spec.stat_ids
-                _accumulate_stats(spec.stats, sol, ids[rows] if ids is not None else None)
-            if grad_h is None and grad_w is None and grad_b is None:
-                continue
-            deriv = spec.transform.derivative(z)
-            if onehot and sol.index is not None:
-                # sparse p - e_t: support columns plus the target column (duplicates add up)
-                idx = torch.cat([sol.index, t[:, None]], 1)
-                val = torch.cat([sol.p, torch.full_like(sol.p[:, :1], -1.0)], 1).to(cdt)
-                if deriv is not None:
-                    val = val * (deriv if deriv.shape[1] == 1 else deriv.gather(1, idx))
-                _push_sparse(val, idx, h, w32, rows, grad_h, grad_w, grad_b)
-            else:
-                dz = sol.dense_p()  # fp32 [n, V], ours to overwrite
+            t_chunk = spec.target[rows] if onehot else None
+            y_chunk = None if onehot else spec.target(rows).to(cdt)
+            deriv_chunk = spec.transform.derivative(z)
+            # The solver sub-chunks the token rows (its own chunk size keeps flat rows from forcing a whole
+            # token chunk onto the dense path). Dense p - y rows are gathered in dzbuf and pushed through
+            # the head with one matmul per token chunk; dense f write p straight into dzbuf.
+            dz_all = dzbuf[:n]
+            dense_subs = []
+            out = None if spec.div.sparse else dz_all
+            for sol in solve_row_chunks(
+                z, q, spec.div, out=out, max_iter=spec.max_iter, workspace=workspace, skip_nonfinite=spec.skip_nonfinite
+            ):
+                sub = sol.rows  # slice of this token chunk
+                g_rows = rows[sub]
+                keep = None if sol.skipped is None else (~sol.skipped).to(cdt)[:, None]
+                if onehot:
+                    t = t_chunk[sub]
+                    per_row = _onehot_value(sol, t, spec.div)
+                else:
+                    y = y_chunk[sub]
+                    per_row = _soft_value(sol.dense_p(), y, sol, spec.div)
+                if keep is not None:  # skip mode: rows with non-finite logits contribute nothing
+                    per_row = per_row.masked_fill(sol.skipped, 0.0)
+                    if spec.stats is not None:
+                        spec.stats["nonfinite"] = spec.stats.get("nonfinite", 0) + sol.skipped.sum().double()
+                total += per_row.sum()
+                if spec.stats is not None:
+                    ids = spec.target if onehot else spec.stat_ids
+                    _accumulate_stats(spec.stats, sol, ids[g_rows] if ids is not None else None)
+                if grad_h is None and grad_w is None and grad_b is None:
+                    continue
+                deriv = None if deriv_chunk is None else deriv_chunk[sub]
+                if onehot and sol.index is not None:
+                    # sparse p - e_t: support columns plus the target column (duplicates add up)
+                    idx = torch.cat([sol.index, t[:, None]], 1)
+                    val = torch.cat([sol.p, torch.full_like(sol.p[:, :1], -1.0)], 1).to(cdt)
+                    if deriv is not None:
+                        val = val * (deriv if deriv.shape[1] == 1 else deriv.gather(1, idx))
+                    if keep is not None:
+                        val = val * keep
+                    _push_sparse(val, idx, h[sub], w32, g_rows, grad_h, grad_w, grad_b)
+                    continue
+                dz = dz_all[sub]
+                if out is None:
+                    dz.copy_(sol.dense_p())
                 if onehot:
                     dz.scatter_add_(1, t[:, None], torch.full_like(dz[:, :1], -1.0))
                 else:
                     dz.sub_(y)
                 if deriv is not None:
                     dz.mul_(deriv)
+                if keep is not None:
+                    dz.mul_(keep)
+                dense_subs.append(sub)
+            if dense_subs:
+                if sum(s.stop - s.start for s in dense_subs) == n:
+                    dz, hs, g_rows = dz_all, h, rows
+                else:
+                    pick = torch.cat([torch.arange(s.start, s.stop, device=dev) for s in dense_subs])
+                    dz, hs, g_rows = dz_all[pick], h[pick], rows[pick]
                 if grad_h is not None:
-                    grad_h.index_copy_(0, rows, (dz @ w32).to(grad_h.dtype))
+                    grad_h.index_copy_(0, g_rows, (dz @ w32).to(grad_h.dtype))
                 if grad_w is not None:
-                    grad_w.addmm_(dz.T, h)
+                    grad_w.addmm_(dz.T, hs)
                 if grad_b is not None:
                     grad_b.add_(dz.sum(0))
         ctx.grads = (
@@ -198,6 +232,7 @@ def fused_linear_fdiv_loss(
     rows: Optional[Tensor] = None,
     stat_ids: Optional[Tensor] = None,
     chunk_elements: int = FUSED_CHUNK_ELEMENTS,
+    skip_nonfinite: bool = False,
 ) -> Tensor:
     """Sum over target tokens of l_f(transform(hidden @ weight^T + bias), target; q), with gradients
     w.r.t. ``hidden``, ``weight`` and ``bias``, without materialising the logits.
@@ -243,5 +278,6 @@ def fused_linear_fdiv_loss(
     spec = _Spec(
         target=target, rows=rows, reference=reference, div=div, transform=transform, max_iter=max_iter,
         stats=stats, stat_ids=stat_ids, chunk_rows=max(1, chunk_elements // max(V, 1)),
+        skip_nonfinite=skip_nonfinite,
     )
     return FusedLinearFDivFunction.apply(h2, weight, bias, spec)

@@ -90,7 +90,7 @@ def _soft_value(p: Tensor, y: Tensor, sol: RowSolution, div: FDivergence) -> Ten
     qf = q.expand_as(y) if isinstance(q, Tensor) else q
     dy = torch.where(pos_y, qf * (div.f(torch.where(pos_y, y / qf, torch.ones_like(y))) - f0), torch.zeros_like(y))
     yz = torch.where(pos_y, y * z, torch.zeros_like(y))
-    return sol.tau + sum_q_bregman(p, sol.q, div) - yz.sum(1) + dy.sum(1)
+    return sol.tau + sum_q_bregman(p, sol.q_full, div) - yz.sum(1) + dy.sum(1)  # p is dense here
 
 
 def _target_prob(sol: RowSolution, c: Tensor) -> Tensor:
@@ -117,6 +117,19 @@ def _accumulate_stats(stats: dict, sol: RowSolution, c: Optional[Tensor]) -> Non
         stats[key] = stats.get(key, 0) + value.double()
 
 
+def _zero_skipped(sol: RowSolution, loss_c: Tensor, grad: Optional[Tensor], stats: Optional[dict]) -> None:
+    """Rows with non-finite logits (skip mode) contribute nothing: loss 0, gradient 0, counted."""
+    bad = sol.skipped
+    loss_c.masked_fill_(bad, 0.0)
+    if grad is not None:
+        if isinstance(sol.rows, slice):
+            grad[sol.rows][bad] = 0
+        else:
+            grad[sol.rows[bad]] = 0
+    if stats is not None:
+        stats["nonfinite"] = stats.get("nonfinite", 0) + bad.sum().double()
+
+
 # ---------------------------------------------------------------------------------------------
 # autograd
 # ---------------------------------------------------------------------------------------------
@@ -131,7 +144,10 @@ class FDivLossFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, target, q, div, ignore_index, label_smoothing, max_iter, stats=None, rows=None, stat_ids=None):
+    def forward(
+        ctx, x, target, q, div, ignore_index, label_smoothing, max_iter, stats=None, rows=None, stat_ids=None,
+        skip_nonfinite=False,
+    ):
         N, V = x.shape
         cdt = _compute_dtype(x.dtype)
         need_grad = ctx.needs_input_grad[0]
@@ -149,7 +165,7 @@ class FDivLossFunction(torch.autograd.Function):
         if rows is None or rows.numel() > 0:
             # One-hot targets: the solver writes p straight into the gradient buffer.
             out = grad if onehot else None
-            for sol in solve_row_chunks(x, q, div, rows=rows, out=out, max_iter=max_iter):
+            for sol in solve_row_chunks(x, q, div, rows=rows, out=out, max_iter=max_iter, skip_nonfinite=skip_nonfinite):
                 if onehot:
                     c = target[sol.rows]
                     loss_c = _onehot_value(sol, c, div)
@@ -176,6 +192,8 @@ class FDivLossFunction(torch.autograd.Function):
                             grad[sol.rows] = p - y
                         else:
                             grad.index_copy_(0, sol.rows, (p - y).to(x.dtype))
+                if sol.skipped is not None:
+                    _zero_skipped(sol, loss_c, grad, stats)
                 losses[sol.rows] = loss_c
                 if stats is not None:
                     ids = target if is_ids else stat_ids
@@ -200,7 +218,7 @@ class FDivLossFunction(torch.autograd.Function):
             for a in range(0, N, step):
                 sl = slice(a, min(N, a + step))
                 grad[sl] = grad[sl].float() * grad_losses[sl].float()[:, None]
-        return grad, None, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,6 +270,7 @@ def fdiv_loss(
     label_smoothing: float = 0.0,
     max_iter: Optional[int] = None,
     stats: Optional[dict] = None,
+    skip_nonfinite: bool = False,
 ) -> Tensor:
     """Fenchel-Young loss l_f(logits, target; q) with gradient f-softargmax(logits; q) - target.
 
@@ -270,6 +289,8 @@ def fdiv_loss(
         stats: optional dict; sums over the non-ignored rows are added to it as 0-d fp64 tensors:
             ``support`` (classes with p > 0), ``entropy`` (of p), ``correct`` (argmax = target, ids
             only) and ``count`` (rows). Used by the trainers' metrics; no host synchronisation.
+        skip_nonfinite: rows whose logits have a NaN/+inf entry get loss 0 and gradient 0 (counted in
+            ``stats["nonfinite"]``) instead of raising :class:`~hf_fdiv.solver.NonFiniteLogitsError`.
 
     Returns:
         The reduced loss, in the logits' dtype (fp32 for bf16/fp16 logits: the solve is in fp32).
@@ -290,7 +311,9 @@ def fdiv_loss(
     else:
         t = target.reshape(-1).to(device=x.device, dtype=torch.long)
         n_valid = int((t != ignore_index).sum())
-    per_row = FDivLossFunction.apply(x, t, q, div, int(ignore_index), float(label_smoothing), max_iter, stats)
+    per_row = FDivLossFunction.apply(
+        x, t, q, div, int(ignore_index), float(label_smoothing), max_iter, stats, None, None, bool(skip_nonfinite)
+    )
     if reduction == "none":
         return per_row.reshape(shape[:-1])
     total = per_row.sum()

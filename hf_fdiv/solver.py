@@ -43,6 +43,7 @@ __all__ = [
     "ReferenceSpec",
     "RowSolution",
     "RowProvider",
+    "NonFiniteLogitsError",
     "solve_row_chunks",
     "prepare_reference",
     "CHUNK_ELEMENTS",
@@ -169,6 +170,7 @@ class RowSolution:
     z: Optional[Tensor]  # None when dense and not materialised (KL written straight to ``out``)
     q: Union[float, Tensor]
     index: Optional[Tensor]
+    skipped: Optional[Tensor] = None  # [n] rows with non-finite logits, solved as zeros (skip mode)
 
     def z_at(self, cols: Tensor) -> Tensor:
         """Shifted logits at one column per row (``cols`` [n]), compute dtype."""
@@ -371,15 +373,28 @@ def _check_reference_chunk(q: Tensor) -> None:
         raise ValueError("a computed reference row is all zero: every row needs a class with q > 0.")
 
 
-def _check_row_max(m: Tensor) -> None:
+class NonFiniteLogitsError(ValueError):
+    """Rows of logits with a NaN or +inf entry, or no finite entry at all; ``rows`` counts them."""
+
+    def __init__(self, message: str, rows: int):
+        super().__init__(message)
+        self.rows = rows
+
+
+def _check_row_max(m: Tensor, skip: bool = False) -> Optional[Tensor]:
+    """Raise on rows without a finite maximum, or (``skip``) return their mask."""
     bad = ~torch.isfinite(m)
-    if bool(bad.any()):
-        k = int(bad.sum())
-        raise ValueError(
-            f"{k} row(s) of logits have no finite maximum (a NaN or +inf entry, or every class at -inf / "
-            "excluded by a zero reference). f-softargmax needs at least one finite logit per row and no "
-            "NaN/+inf; mask classes with -inf, not NaN."
-        )
+    if not bool(bad.any()):
+        return None
+    if skip:
+        return bad
+    k = int(bad.sum())
+    raise NonFiniteLogitsError(
+        f"{k} row(s) of logits have no finite maximum (a NaN or +inf entry, or every class at -inf / "
+        "excluded by a zero reference). f-softargmax needs at least one finite logit per row and no "
+        "NaN/+inf; mask classes with -inf, not NaN.",
+        k,
+    )
 
 
 def solve_row_chunks(
@@ -393,6 +408,7 @@ def solve_row_chunks(
     topk: int = SPARSE_TOPK,
     chunk_elements: int = CHUNK_ELEMENTS,
     workspace: Optional[Tensor] = None,
+    skip_nonfinite: bool = False,
 ) -> Iterator[RowSolution]:
     """The one place that owns chunking: solve f-softargmax for the rows of ``x`` [N, V].
 
@@ -401,6 +417,8 @@ def solve_row_chunks(
     ``out`` ([N, V], any float dtype), dense p is written into ``out[rows]`` as each chunk is solved.
     Yields a :class:`RowSolution` per chunk, in order; consume it before advancing. ``workspace``
     (optional, [>= rows per chunk, V] in the compute dtype) is reused instead of allocated.
+    Rows with NaN/+inf logits (or no finite logit) raise :class:`NonFiniteLogitsError`, or with
+    ``skip_nonfinite`` are solved as all-zero rows and flagged in ``RowSolution.skipped``.
     """
     N, V = x.shape
     cdt = torch.float64 if div.solve_in_fp64 else _compute_dtype(x.dtype)
@@ -427,7 +445,10 @@ def solve_row_chunks(
             # A zero reference excludes the class (the exact perspective limit for super-linear f).
             x_rows = x_rows.masked_fill(qc == 0, -math.inf)
         m = x_rows.amax(1).to(cdt)
-        _check_row_max(m)
+        skipped = _check_row_max(m, skip_nonfinite)
+        if skipped is not None:
+            x_rows = x_rows.masked_fill(skipped[:, None], 0.0)
+            m = m.masked_fill(skipped, 0.0)
         out_rows = None
         if out is not None and isinstance(sel, slice):
             out_rows = out[sel]
@@ -444,6 +465,7 @@ def solve_row_chunks(
             lo, hi = _bracket(z, qc, div)
             tau, p = _newton(z, qc, div, lo, hi, max_iter, out_rows)
             sol = RowSolution(sel, x_rows, m, qc, tau, p, z, qc, None)
+        sol.skipped = skipped
         if out is not None:
             if out_rows is not None:
                 sol.write_dense(out_rows)

@@ -155,7 +155,7 @@ class FDivDistillationTrainer(FDivSFTTrainer):
         if self.teacher_model is None:
             raise ValueError("this batch has no teacher top-k columns and the trainer has no teacher model.")
         model_inputs = {k: v for k, v in inputs.items() if k not in self._fdiv_batch_keys}
-        return TeacherLogProbs(self.teacher_model, model_inputs, self.num_classes, T)
+        return TeacherLogProbs(self.teacher_model, model_inputs, self.num_classes, T, out_device=inputs["input_ids"].device)
 
     def fdiv_num_classes(self, vocab_rows: int) -> int:
         return self.num_classes

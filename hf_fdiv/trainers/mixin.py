@@ -20,7 +20,7 @@ from torch import Tensor
 from ..divergences import FDivergence, get_divergence
 from ..fused import LogitTransform, fused_linear_fdiv_loss
 from ..losses import FDivLossFunction, _check_targets
-from ..solver import RowProvider, _as_rows, _q_for_rows, prepare_reference
+from ..solver import NonFiniteLogitsError, RowProvider, _as_rows, _q_for_rows, prepare_reference
 from . import model_card
 
 IGNORE_INDEX = -100
@@ -71,6 +71,11 @@ class FDivLossArguments:
     fdiv_max_iter: Optional[int] = field(
         default=None,
         metadata={"help": "Cap on root-search passes per chunk of rows (default 60, 200 for alpha > 2)."},
+    )
+    fdiv_skip_nonfinite: bool = field(
+        default=False,
+        metadata={"help": "Skip token rows whose logits contain NaN/inf (loss 0, gradient 0) and count them in the "
+                  "`nonfinite_rows` metric, instead of stopping with an error."},
     )
     fdiv_fused: bool = field(
         default=True,
@@ -133,8 +138,11 @@ class FDivTrainerMixin:
         self.fdiv_divergence: FDivergence = get_divergence(spec)
         ref = reference if reference is not None else getattr(args, "reference", "unit")
         self.fdiv_reference = _resolve_reference(ref)
+        self._check_reference_size()
         self.fdiv_max_iter = getattr(args, "fdiv_max_iter", None)
         self.fdiv_fused = bool(getattr(args, "fdiv_fused", True))
+        self.fdiv_skip_nonfinite = bool(getattr(args, "fdiv_skip_nonfinite", False))
+        self._total_nonfinite = 0
         if not hasattr(self, "_metrics"):
             self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         if not hasattr(self, "_total_train_tokens"):
@@ -147,6 +155,20 @@ class FDivTrainerMixin:
         self._loss_shifts_labels = self._fdiv_shift_labels
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(["hf-fdiv", f"fdiv-{self.fdiv_divergence.name.replace(':', '-')}"])
+
+    def _check_reference_size(self) -> None:
+        ref = self.fdiv_reference
+        if not isinstance(ref, Tensor):
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+        V = head.weight.shape[0] if head is not None and hasattr(head, "weight") else getattr(base.config, "vocab_size", None)
+        if ref.dim() != 1 or (V is not None and ref.shape[0] != V):
+            raise ValueError(
+                f"reference tensor has shape {tuple(ref.shape)} but the model has V={V} output classes: pass a [V] "
+                "class prior (per-token references come from a teacher, see FDivDistillationTrainer)."
+            )
 
     # ------------------------------------------------------------------ loss
     def _fdiv_targets(self, inputs: dict) -> Tensor:
@@ -191,7 +213,7 @@ class FDivTrainerMixin:
             _check_targets(spec.target, x, IGNORE_INDEX)
         per_row = FDivLossFunction.apply(
             x, spec.target, q, self.fdiv_divergence, IGNORE_INDEX, 0.0, self.fdiv_max_iter, stats, spec.rows,
-            spec.stat_ids,
+            spec.stat_ids, self.fdiv_skip_nonfinite,
         )
         return per_row.sum()
 
@@ -241,7 +263,7 @@ class FDivTrainerMixin:
         loss_sum = fused_linear_fdiv_loss(
             hidden.reshape(-1, hidden.shape[-1]), weight, spec.target, self.fdiv_divergence, reference, bias=bias,
             transform=LogitTransform.from_config(config), max_iter=self.fdiv_max_iter, stats=stats, rows=spec.rows,
-            stat_ids=spec.stat_ids,
+            stat_ids=spec.stat_ids, skip_nonfinite=self.fdiv_skip_nonfinite,
         )
         return outputs, loss_sum
 
@@ -252,22 +274,36 @@ class FDivTrainerMixin:
         model_inputs["use_cache"] = False
         stats: dict = {}
         parts = None if return_outputs else self._fdiv_fused_parts(model)  # logits wanted: materialise them
-        if parts is not None:
-            outputs, loss_sum = self._fdiv_loss_fused(model, model_inputs, targets, stats, inputs, parts)
-        else:
-            outputs = model(**model_inputs)
-            logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-            loss_sum = self._fdiv_loss_from_logits(logits, targets, stats, inputs)
+        try:
+            if parts is not None:
+                outputs, loss_sum = self._fdiv_loss_fused(model, model_inputs, targets, stats, inputs, parts)
+            else:
+                outputs = model(**model_inputs)
+                logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+                loss_sum = self._fdiv_loss_from_logits(logits, targets, stats, inputs)
+        except NonFiniteLogitsError as err:
+            where = self._fdiv_where(mode)
+            raise NonFiniteLogitsError(
+                f"{where}: {err.rows} token row(s) have NaN/inf logits (the model diverged or its inputs are "
+                "broken). Lower the learning rate / check the data, or set fdiv_skip_nonfinite=True to skip such "
+                "rows and count them in the `nonfinite_rows` metric.",
+                err.rows,
+            ) from err
+        except ValueError as err:  # bad labels or references: say where training stopped
+            raise ValueError(f"{self._fdiv_where(mode)}: {err}") from err
         loss = self._normalise(loss_sum, targets, num_items_in_batch)
         self._record_fdiv_metrics(mode, stats, inputs)
         return (loss, outputs) if return_outputs else loss
+
+    def _fdiv_where(self, mode: str) -> str:
+        return f"training step {self.state.global_step + 1}" if mode == "train" else "evaluation"
 
     def _normalise(self, loss_sum: Tensor, targets: Tensor, num_items_in_batch) -> Tensor:
         """sum / num_items_in_batch (local count when absent), x world size like Trainer.compute_loss."""
         if num_items_in_batch is None:
             return loss_sum / (targets != IGNORE_INDEX).sum().clamp(min=1).to(loss_sum.device)
-        if torch.is_tensor(num_items_in_batch):
-            num_items_in_batch = num_items_in_batch.to(loss_sum.device)
+        # clamped: a window without any target token gives a finite 0, not 0 / 0
+        num_items_in_batch = torch.as_tensor(num_items_in_batch, device=loss_sum.device).clamp(min=1)
         loss = loss_sum / num_items_in_batch
         if self.args.average_tokens_across_devices:
             # num_items_in_batch counts every rank's tokens and DDP averages gradients over ranks.
@@ -276,12 +312,15 @@ class FDivTrainerMixin:
 
     # ------------------------------------------------------------------ metrics
     def _record_fdiv_metrics(self, mode: str, stats: dict, inputs: dict) -> None:
-        keys = ("support", "entropy", "correct", "count")
+        keys = ("support", "entropy", "correct", "count", "nonfinite")
         device = self.accelerator.device
         local = torch.stack([torch.as_tensor(stats.get(k, 0.0), dtype=torch.float64).reshape(()).to(device) for k in keys])
         total = self.accelerator.gather_for_metrics(local[None]).reshape(-1, len(keys)).sum(0).tolist()
-        support, entropy, correct, count = total
+        support, entropy, correct, count, nonfinite = total
         metrics = self._metrics[mode]
+        if self.fdiv_skip_nonfinite:
+            self._total_nonfinite += int(nonfinite)
+            metrics["nonfinite_rows"] = [self._total_nonfinite]
         if count > 0:
             metrics["support_size"].append(support / count)
             metrics["entropy"].append(entropy / count)

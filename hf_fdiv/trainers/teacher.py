@@ -81,10 +81,13 @@ class TeacherLogProbs:
     The backbone runs once (no grad); ``__call__(rows)`` projects only those rows through the head in
     fp32. Falls back to one full forward for models without the backbone + head layout."""
 
-    def __init__(self, teacher, model_inputs: dict, num_classes: int, temperature: float):
+    def __init__(self, teacher, model_inputs: dict, num_classes: int, temperature: float, out_device=None):
         self.num_classes = num_classes
         self.temperature = float(temperature)
-        inputs = {k: v for k, v in model_inputs.items() if k != "use_cache"}
+        # The teacher may live on another device than the student: inputs go there, results come back.
+        self.device = next(teacher.parameters()).device
+        self.out_device = out_device
+        inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in model_inputs.items() if k != "use_cache"}
         head = teacher.get_output_embeddings() if hasattr(teacher, "get_output_embeddings") else None
         backbone = getattr(teacher, "base_model", None)
         with torch.no_grad():
@@ -101,13 +104,16 @@ class TeacherLogProbs:
         self.transform = _head_transform(teacher.config)
 
     def __call__(self, rows) -> Tensor:
+        if torch.is_tensor(rows):
+            rows = rows.to(self.device)
         with torch.no_grad():
             if self.logits is not None:
                 z = self.logits[rows].float()
             else:
                 z = F.linear(self.hidden[rows].float(), self.weight, self.bias)
                 z = self.transform(z)
-            return torch.log_softmax(z / self.temperature, dim=-1)
+            out = torch.log_softmax(z / self.temperature, dim=-1)
+        return out if self.out_device is None else out.to(self.out_device)
 
 
 class TopKLogProbs:

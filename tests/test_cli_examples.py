@@ -1,0 +1,98 @@
+"""The CLI end to end in subprocesses, and every example in its tiny mode (offline, tiny models)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from huggingface_hub import ModelCard
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+COMMON = ["--bf16", "False", "--use_cpu", "--report_to", "none", "--activation_checkpointing", "False",
+          "--per_device_train_batch_size", "4", "--save_strategy", "no", "--max_steps", "2"]
+
+
+def run(args, timeout=300):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               HF_HUB_DISABLE_TELEMETRY="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{args}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-3000:]}"
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny")
+    run([PY, "examples/tiny_assets.py", str(out)])
+    return out
+
+
+def cli(*args):
+    return [PY, "-m", "hf_fdiv.cli", *args]
+
+
+def test_cli_sft_and_help(tiny, tmp_path):
+    text = run(cli("sft", "--help"))
+    assert "--divergence" in text and "--reference" in text and "--use_peft" in text
+    run(cli("sft", "--model_name_or_path", str(tiny / "student"), "--dataset_name", str(tiny / "data" / "train.jsonl"),
+            "--output_dir", str(tmp_path / "sft"), "--divergence", "js", "--use_peft", "--lora_target_modules",
+            "q_proj", "v_proj", *COMMON))
+    card = ModelCard.load(str(tmp_path / "sft" / "README.md"))
+    assert card.data.library_name == "peft" and "`js`" in card.text
+    # YAML config plus flags (flags win)
+    cfg = tmp_path / "sft.yaml"
+    cfg.write_text(f"model_name_or_path: {tiny / 'student'}\ndataset_name: {tiny / 'data'}\ndivergence: chi2\n"
+                   f"output_dir: {tmp_path / 'sft_yaml'}\nlearning_rate: 0.001\n")
+    run(cli("sft", "--config", str(cfg), "--divergence", "alpha:2", *COMMON))
+    assert "`alpha:2`" in ModelCard.load(str(tmp_path / "sft_yaml" / "README.md")).text
+
+
+def test_cli_distill_online_offline_and_topk(tiny, tmp_path):
+    run(cli("distill", "--model_name_or_path", str(tiny / "student"), "--teacher_model_name_or_path",
+            str(tiny / "teacher"), "--dataset_name", str(tiny / "data"), "--output_dir", str(tmp_path / "d"),
+            "--teacher_mode", "reference", "--temperature", "2.0", "--lmbda", "0.5", "--max_new_tokens", "6", *COMMON))
+    card = ModelCard.load(str(tmp_path / "d" / "README.md"))
+    assert str(tiny / "teacher") in card.text and "`reference`" in card.text
+    out = run(cli("teacher-topk", "--teacher_model_name_or_path", str(tiny / "teacher"), "--dataset_name",
+                  str(tiny / "data"), "--output_dir", str(tmp_path / "topk"), "--k", "8"))
+    assert "teacher top-8" in out
+    run(cli("distill", "--model_name_or_path", str(tiny / "student"), "--dataset_name", str(tmp_path / "topk"),
+            "--output_dir", str(tmp_path / "off"), *COMMON))
+    assert "offline teacher" in ModelCard.load(str(tmp_path / "off" / "README.md")).text
+
+
+def test_cli_errors():
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run(cli("bogus"), cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2 and "unknown command 'bogus'" in proc.stderr
+
+
+@pytest.mark.parametrize("script,extra", [
+    ("examples/sft.py", []),
+    ("examples/sft_lora.py", ["--lora_target_modules", "q_proj", "v_proj"]),
+    ("examples/distill_and_push.py", ["--teacher_model_name_or_path", "{tiny}/teacher"]),
+])
+def test_examples_tiny_mode(tiny, tmp_path, script, extra):
+    extra = [e.replace("{tiny}", str(tiny)) for e in extra]
+    out = run([PY, script, "--model_name_or_path", str(tiny / "student"), "--dataset_name", str(tiny / "data"),
+               "--output_dir", str(tmp_path / "out"), *extra, *COMMON])
+    assert (tmp_path / "out" / "README.md").exists()
+    if "lora" in script:
+        assert "adapter saved" in out
+
+
+def test_demo_helpers_offline():
+    # The demo's pieces that need no SmolLM2: the PNG plot and the argument parsing.
+    from hf_fdiv.demo import DemoArguments, plot_curves
+
+    hist = [{"step": s, "loss": 1.0 / s, "support_size": 10.0 + s} for s in range(1, 6)]
+    assert DemoArguments().steps > 0
+    path = os.path.join(ROOT, "build", "test_plot.png")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if plot_curves({"alpha:1.5": hist, "kl": hist}, path):
+        with open(path, "rb") as fh:
+            assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
