@@ -38,7 +38,7 @@ class DemoArguments:
     learning_rate: float = field(default=3e-3, metadata={"help": "Student learning rate (AdamW, linear decay)."})
     student_hidden: int = field(default=128, metadata={"help": "Student hidden size (teacher: 576)."})
     student_layers: int = field(default=4, metadata={"help": "Student depth (teacher: 30)."})
-    train_conversations: int = field(default=640, metadata={"help": "Training conversations (of ~2000)."})
+    train_conversations: int = field(default=512, metadata={"help": "Training conversations (of ~2000)."})
     eval_conversations: int = field(default=128, metadata={"help": "Held-out conversations."})
     k: int = field(default=64, metadata={"help": "Teacher log-probabilities stored per token (top-k)."})
     max_length: int = field(default=96, metadata={"help": "Token budget per conversation."})
@@ -209,9 +209,7 @@ def main(argv=None) -> dict:
             output_dir=out, divergence=name, teacher_mode="target", temperature=args.temperature,
             max_steps=args.steps, per_device_train_batch_size=args.batch_size, learning_rate=args.learning_rate,
             lr_scheduler_type="linear", warmup_steps=max(1, args.steps // 20), logging_steps=5, save_strategy="no",
-            report_to="none", seed=args.seed, disable_tqdm=False, max_length=args.max_length, **{
-                k: v for k, v in prep_args.items() if k not in ("max_length", "seed")
-            },
+            disable_tqdm=False, **prep_args,
         )
         trainer = FDivDistillationTrainer(model=_student(teacher, args), args=cfg, train_dataset=prepared["train"],
                                           processing_class=tok)
