@@ -107,10 +107,10 @@ def main():
               "the tiny setup uses a char-level stand-in tokenizer and the smollm2 setup is skipped.")
     tok, teacher = load_smollm2() if have_smollm2 else (None, None)
     if tok is None:
-        sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-        from tiny import make_tokenizer
+        sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+        from tiny_assets import tokenizer
 
-        tok = make_tokenizer()
+        tok = tokenizer()
     tok.padding_side = "right"
     data = dataset(64)
     if args.setup in ("tiny", "both"):

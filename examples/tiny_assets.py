@@ -31,22 +31,24 @@ PAIRS = [
 ]
 
 
-def tokenizer():
+def tokenizer(eos_token: str = "<|im_end|>"):
+    """Character-level tokenizer (106 ids) with a ChatML template that marks assistant turns."""
     chars = [c for c in string.printable if c not in SPECIALS]
     vocab = {t: i for i, t in enumerate(SPECIALS + chars)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
     tok.decoder = decoders.Fuse()
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<|im_end|>", bos_token="<bos>",
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token=eos_token, bos_token="<bos>",
                                  unk_token="<unk>", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
     hf.chat_template = CHAT_TEMPLATE
     return hf
 
 
-def model(tok, hidden, seed):
+def model(tok, hidden=16, seed=0, layers=2, vocab_size=None):
+    """A tiny Qwen2 causal LM (untied head) for ``tok``."""
     torch.manual_seed(seed)
     m = Qwen2ForCausalLM(Qwen2Config(
-        vocab_size=len(tok), hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=2,
+        vocab_size=vocab_size or len(tok), hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
     ))

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+import tempfile
 import time
 from dataclasses import dataclass, field, fields
 
@@ -191,8 +192,9 @@ def main(argv=None) -> dict:
                      activation_checkpointing=False, seed=args.seed)
     prepared = {}
     for split, conv in (("train", train_conv), ("eval", eval_conv)):
-        prep = FDivSFTTrainer(model=teacher, processing_class=tok, train_dataset=Dataset.from_list(_rows(conv, tok)),
-                              args=FDivSFTConfig(output_dir=os.path.join(args.output_dir, "_prep"), **prep_args))
+        with tempfile.TemporaryDirectory() as scratch:  # SFT's own dataset preparation, nothing kept
+            prep = FDivSFTTrainer(model=teacher, processing_class=tok, train_dataset=Dataset.from_list(_rows(conv, tok)),
+                                  args=FDivSFTConfig(output_dir=scratch, **prep_args))
         prepared[split] = add_teacher_topk(prep.train_dataset, teacher, k=args.k, batch_size=16,
                                            pad_token_id=tok.pad_token_id)
     t_teacher = time.perf_counter() - t_start

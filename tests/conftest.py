@@ -7,4 +7,5 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-sys.path.insert(0, os.path.dirname(__file__))  # tests/oracles.py
+sys.path.insert(0, os.path.dirname(__file__))  # tests/oracles.py, tests/tiny.py
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples"))  # tiny_assets.py

@@ -201,7 +201,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("which", ["sft", "distill"])
 def test_two_processes_equal_one_process_on_the_doubled_batch(tmp_path, which):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
@@ -297,7 +296,6 @@ def test_vocabulary_of_262144():
                                entmax.Entmax15Loss(k=None, reduction="none")(x, t), atol=1e-10, rtol=0)
 
 
-@pytest.mark.slow
 def test_tokens_times_vocab_beyond_2_pow_31_fused():
     # 8192 tokens x 262144 classes = 2^31 logits, never materialised; spot-check rows against the
     # materialised loss of those rows (any int32 offset overflow would scramble far rows).

@@ -50,51 +50,51 @@ def first_batch(trainer):
 # --------------------------------------------------------------------------------- KL = stock
 
 
+def one_step(make_trainer, name, tmp_path):
+    """(loss, gradients) of one batch, then the parameters after one SGD step of ``train()``."""
+    model, trainer = make_trainer(str(tmp_path / name))
+    batch = first_batch(trainer)
+    loss = trainer.compute_loss(model, dict(batch))
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    trainer.train()
+    return float(loss.detach()), grads, params(model)
+
+
+def assert_same_step(a, b):
+    assert abs(a[0] - b[0]) <= 1e-5
+    assert_params_close(a[1], b[1], 1e-5)
+    assert_params_close(a[2], b[2], 1e-5)
+
+
 def test_fdiv_trainer_kl_reproduces_stock_trainer(tok, tmp_path):
     ds = tokenized_lm_dataset(tok, 8)
     collator = DataCollatorForLanguageModeling(tok, mlm=False)
-    out = {}
-    for name, cls, args_cls, extra in [
-        ("stock", Trainer, TrainingArguments, {}),
-        ("fdiv", FDivTrainer, FDivTrainingArguments, {"divergence": "kl"}),
-    ]:
-        model = make_model(tok)
-        args = args_cls(output_dir=str(tmp_path / name), per_device_train_batch_size=8, max_steps=1,
-                        learning_rate=0.1, optim="sgd", **COMMON, **extra)
-        tr = cls(model=model, args=args, train_dataset=ds, data_collator=collator)
-        batch = first_batch(tr)
-        loss = tr.compute_loss(model, batch)
-        loss.backward()
-        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
-        model.zero_grad()
-        tr.train()
-        out[name] = (float(loss.detach()), grads, params(model))
-    assert abs(out["stock"][0] - out["fdiv"][0]) <= 1e-5
-    assert_params_close(out["stock"][1], out["fdiv"][1], 1e-5)
-    assert_params_close(out["stock"][2], out["fdiv"][2], 1e-5)
+
+    def make(cls, args_cls, **extra):
+        def build(out):
+            model = make_model(tok)
+            args = args_cls(output_dir=out, per_device_train_batch_size=8, max_steps=1, learning_rate=0.1,
+                            optim="sgd", **COMMON, **extra)
+            return model, cls(model=model, args=args, train_dataset=ds, data_collator=collator)
+        return build
+
+    assert_same_step(one_step(make(Trainer, TrainingArguments), "stock", tmp_path),
+                     one_step(make(FDivTrainer, FDivTrainingArguments, divergence="kl"), "fdiv", tmp_path))
 
 
 def test_fdiv_sft_trainer_kl_reproduces_stock_sft(tok, tmp_path):
-    ds = text_dataset(8)
-    out = {}
-    for name, cls, cfg_cls, extra in [
-        ("stock", SFTTrainer, SFTConfig, {}),
-        ("fdiv", FDivSFTTrainer, FDivSFTConfig, {"divergence": "kl"}),
-    ]:
-        model = make_model(tok)
-        cfg = cfg_cls(output_dir=str(tmp_path / name), per_device_train_batch_size=8, max_steps=1,
-                      learning_rate=0.1, optim="sgd", **SFT_COMMON, **extra)
-        tr = cls(model=model, args=cfg, train_dataset=ds, processing_class=tok)
-        batch = first_batch(tr)
-        loss = tr.compute_loss(model, dict(batch))
-        loss.backward()
-        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
-        model.zero_grad()
-        tr.train()
-        out[name] = (float(loss.detach()), grads, params(model))
-    assert abs(out["stock"][0] - out["fdiv"][0]) <= 1e-5
-    assert_params_close(out["stock"][1], out["fdiv"][1], 1e-5)
-    assert_params_close(out["stock"][2], out["fdiv"][2], 1e-5)
+    def make(cls, cfg_cls, **extra):
+        def build(out):
+            model = make_model(tok)
+            cfg = cfg_cls(output_dir=out, per_device_train_batch_size=8, max_steps=1, learning_rate=0.1,
+                          optim="sgd", **SFT_COMMON, **extra)
+            return model, cls(model=model, args=cfg, train_dataset=text_dataset(8), processing_class=tok)
+        return build
+
+    assert_same_step(one_step(make(SFTTrainer, SFTConfig), "stock", tmp_path),
+                     one_step(make(FDivSFTTrainer, FDivSFTConfig, divergence="kl"), "fdiv", tmp_path))
 
 
 # --------------------------------------------------------------------------------- GA exactness

@@ -4,18 +4,11 @@ from __future__ import annotations
 
 import string
 
-import torch
 from datasets import Dataset
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<|im_start|>", "<|im_end|>"]
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
-    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}<|im_end|>{% endgeneration %}"
-    "{% else %}{{ m['content'] }}<|im_end|>{% endif %}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+from tiny_assets import CHAT_TEMPLATE, SPECIALS  # noqa: F401  (examples/tiny_assets.py, shared with the examples)
+from tiny_assets import model as _model
+from tiny_assets import tokenizer as _tokenizer
 
 SENTENCES = [
     "the cat sat on the mat.",
@@ -33,34 +26,13 @@ SENTENCES = [
 ]
 
 
-def make_tokenizer() -> PreTrainedTokenizerFast:
-    """Character-level tokenizer, 106 ids, with a ChatML template that marks assistant turns."""
-    chars = [c for c in string.printable if c not in SPECIALS]
-    vocab = {t: i for i, t in enumerate(SPECIALS + chars)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    hf = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>",
-        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
-    )
-    hf.chat_template = CHAT_TEMPLATE
-    return hf
+def make_tokenizer():
+    """Character-level tokenizer, 106 ids, EOS <eos>, with a ChatML template marking assistant turns."""
+    return _tokenizer(eos_token="<eos>")
 
 
-def make_model(tok, hidden=16, layers=2, seed=0, vocab_size=None) -> Qwen2ForCausalLM:
-    torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(
-        Qwen2Config(
-            vocab_size=vocab_size or len(tok), hidden_size=hidden, intermediate_size=4 * hidden,
-            num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
-            tie_word_embeddings=False,
-        )
-    )
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    return model
+def make_model(tok, hidden=16, layers=2, seed=0, vocab_size=None):
+    return _model(tok, hidden=hidden, seed=seed, layers=layers, vocab_size=vocab_size)
 
 
 def text_dataset(n=8) -> Dataset:
