@@ -96,3 +96,17 @@ def test_demo_helpers_offline():
     if plot_curves({"alpha:1.5": hist, "kl": hist}, path):
         with open(path, "rb") as fh:
             assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_under_accelerate_launch_two_processes(tiny, tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = run([PY, "-m", "accelerate.commands.launch", "--config_file", "examples/accelerate_configs/cpu_2proc.yaml",
+               "--main_process_port", str(port), "-m", "hf_fdiv.cli", "sft", "--model_name_or_path",
+               str(tiny / "student"), "--dataset_name", str(tiny / "data"), "--output_dir", str(tmp_path / "ddp"),
+               "--logging_steps", "1", *COMMON])
+    assert "'epoch': '0.25'" in out  # 2 processes x 4 rows of 32: a step covers a quarter of the data
+    assert (tmp_path / "ddp" / "README.md").exists()
