@@ -14,7 +14,8 @@ from hf_fdiv import f_softargmax, fdiv_loss, get_divergence
 from oracles import kkt_residual
 
 NAMED = ["kl", "reverse_kl", "chi2", "squared_hellinger", "js"]
-SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: CI is a gate, so the same examples every run (explore locally with --hypothesis-seed=N)
+SETTINGS = settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 
 @st.composite
@@ -67,7 +68,7 @@ def test_simplex_kkt_and_shift_invariance(problem):
     if q is None or bool((q > 0).all()):
         if x.dtype == torch.float64 and div.name in ("kl", "chi2", "js") or name.startswith("alpha"):
             p64 = f_softargmax(x.double(), name, reference if not isinstance(reference, torch.Tensor) else reference.double())
-            assert kkt_residual(p64, x.double(), _oracle_name(name), q, tol_support=1e-12) < 1e-6
+            assert kkt_residual(p64, x.double(), _oracle_name(name), q) < 1e-6  # exact support: p > 0
     # shift invariance (shift exactly representable: logits on a coarse grid)
     xs = torch.round(x * 64) / 64
     torch.testing.assert_close(f_softargmax(xs + 3.0, name, reference), f_softargmax(xs, name, reference),
