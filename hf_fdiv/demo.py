@@ -48,12 +48,14 @@ class DemoArguments:
     seed: int = field(default=0, metadata={"help": "Seed of the split, the student init and the data order."})
 
 
-def _env_defaults(args: DemoArguments) -> DemoArguments:
-    for f in fields(args):
+def _env_defaults() -> dict:
+    """Defaults from HF_FDIV_DEMO_<NAME> environment variables (flags still win)."""
+    out = {}
+    for f in fields(DemoArguments):
         env = os.environ.get(f"HF_FDIV_DEMO_{f.name.upper()}")
         if env is not None:
-            setattr(args, f.name, type(getattr(args, f.name))(env))
-    return args
+            out[f.name] = type(f.default)(env)
+    return out
 
 
 def _rows(conversations, tok):
@@ -165,8 +167,8 @@ def main(argv=None) -> dict:
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(DemoArguments)
-    (args,) = parser.parse_args_into_dataclasses(args=argv if argv is not None else None)
-    args = _env_defaults(args) if argv is None or not argv else args
+    parser.set_defaults(**_env_defaults())
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
     t_start = time.perf_counter()
 
     import datasets

@@ -85,12 +85,19 @@ def test_examples_tiny_mode(tiny, tmp_path, script, extra):
         assert "adapter saved" in out
 
 
-def test_demo_helpers_offline():
-    # The demo's pieces that need no SmolLM2: the PNG plot and the argument parsing.
-    from hf_fdiv.demo import DemoArguments, plot_curves
+def test_demo_helpers_offline(monkeypatch):
+    # The demo's pieces that need no SmolLM2: options (environment defaults, flags win) and the PNG plot.
+    from transformers import HfArgumentParser
 
+    from hf_fdiv.demo import DemoArguments, _env_defaults, plot_curves
+
+    monkeypatch.setenv("HF_FDIV_DEMO_STEPS", "7")
+    monkeypatch.setenv("HF_FDIV_DEMO_OUTPUT_DIR", "elsewhere")
+    parser = HfArgumentParser(DemoArguments)
+    parser.set_defaults(**_env_defaults())
+    (args,) = parser.parse_args_into_dataclasses(args=["--steps", "3"])
+    assert args.steps == 3 and args.output_dir == "elsewhere"
     hist = [{"step": s, "loss": 1.0 / s, "support_size": 10.0 + s} for s in range(1, 6)]
-    assert DemoArguments().steps > 0
     path = os.path.join(ROOT, "build", "test_plot.png")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     if plot_curves({"alpha:1.5": hist, "kl": hist}, path):
