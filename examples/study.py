@@ -44,7 +44,6 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 from hf_fdiv import FDivDistillationConfig, FDivDistillationTrainer, FDivSFTConfig, FDivSFTTrainer  # noqa: E402
 from hf_fdiv.assets import chatterbot_conversations  # noqa: E402
 from hf_fdiv.metrics import sparse_safe_metrics  # noqa: E402
-from hf_fdiv.solver import f_softargmax  # noqa: E402
 
 SFT_LOSSES = ["kl", "alpha:1.5", "chi2", "js", "reverse_kl"]
 CHAT_TEMPLATE = (

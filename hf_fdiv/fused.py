@@ -15,7 +15,6 @@ backward costs O(tokens x support x H) instead of O(tokens x V x H).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -23,8 +22,8 @@ import torch
 from torch import Tensor
 
 from .divergences import DivergenceSpec, FDivergence, get_divergence
-from .losses import _accumulate_stats, _onehot_value, _soft_value, _target_prob
-from .solver import RowProvider, RowSolution, prepare_reference, solve_row_chunks
+from .losses import _accumulate_stats, _add_stat, _onehot_value, _soft_value
+from .solver import RowProvider, prepare_reference, solve_row_chunks
 
 __all__ = ["fused_linear_fdiv_loss", "LogitTransform", "FUSED_CHUNK_ELEMENTS"]
 
@@ -139,7 +138,7 @@ class FusedLinearFDivFunction(torch.autograd.Function):
                 if keep is not None:  # skip mode: rows with non-finite logits contribute nothing
                     per_row = per_row.masked_fill(sol.skipped, 0.0)
                     if spec.stats is not None:
-                        spec.stats["nonfinite"] = spec.stats.get("nonfinite", 0) + sol.skipped.sum().double()
+                        _add_stat(spec.stats, "nonfinite", sol.skipped.sum())
                 total += per_row.sum()
                 if spec.stats is not None:
                     ids = spec.target if onehot else spec.stat_ids

@@ -2,10 +2,12 @@
 
     l_f(theta, y; q) = f-softmax(theta; q) + D_f(y, q) - <theta, y>,      grad_theta l_f = p - y,
 
-with p = f-softargmax(theta; q) (``fdiv_math.md`` 1.3). The value is computed in the stable primal
-form ``<p - y, theta> + sum_j q_j [f(y_j / q_j) - f(p_j / q_j)]`` elementwise (1.4), over the
-support of p and y only: classes with p_j = y_j = 0 contribute exactly 0. For KL this is
-cross-entropy on theta + log q (logit adjustment); with unit or uniform q it is ``F.cross_entropy``.
+with p = f-softargmax(theta; q) (``fdiv_math.md`` 1.3). The value is computed as
+tau + sum_j q_j B_f(0, p_j / q_j) - <y, theta - max> + sum_j q_j [f(y_j / q_j) - f(0)], where
+B_f(0, u) = f(0) - f(u) + u f'(u) >= 0 (:meth:`FDivergence.bregman_to_zero`): the f(0) constants of
+f-softmax and D_f(y, q) cancel analytically, the sums run over the supports of p and y, and no large
+terms cancel in floating point. For KL this is cross-entropy on theta + log q (logit adjustment);
+with unit or uniform q it is ``F.cross_entropy``.
 
 When f(0) = +inf (``reverse_kl``) the constant D_f(y, q) is infinite for targets with zeros; the
 infinite terms are dropped (the gradient is unchanged, the value is no longer >= 0).
@@ -26,7 +28,6 @@ from torch import Tensor, nn
 from .divergences import KL, DivergenceSpec, FDivergence, get_divergence
 from .solver import (
     CHUNK_ELEMENTS,
-    DEFAULT_MAX_ITER,
     ReferenceSpec,
     RowProvider,
     RowSolution,
@@ -100,6 +101,11 @@ def _target_prob(sol: RowSolution, c: Tensor) -> Tensor:
     return (sol.p * (sol.index == c[:, None])).sum(1)
 
 
+def _add_stat(stats: dict, key: str, value: Tensor) -> None:
+    """Running fp64 sums for trainer metrics, kept on device (no host sync)."""
+    stats[key] = stats.get(key, 0) + value.double()
+
+
 def _accumulate_stats(stats: dict, sol: RowSolution, c: Optional[Tensor]) -> None:
     """Token statistics of p for trainer metrics (no host sync): support size, Shannon entropy
     (well defined for sparse p: 0 log 0 = 0), top-1 accuracy (argmax p = argmax logits)."""
@@ -114,7 +120,7 @@ def _accumulate_stats(stats: dict, sol: RowSolution, c: Optional[Tensor]) -> Non
     if c is not None:
         add["correct"] = (pred == c).sum()
     for key, value in add.items():
-        stats[key] = stats.get(key, 0) + value.double()
+        _add_stat(stats, key, value)
 
 
 def _zero_skipped(sol: RowSolution, loss_c: Tensor, grad: Optional[Tensor], stats: Optional[dict]) -> None:
@@ -127,7 +133,7 @@ def _zero_skipped(sol: RowSolution, loss_c: Tensor, grad: Optional[Tensor], stat
         else:
             grad[sol.rows[bad]] = 0
     if stats is not None:
-        stats["nonfinite"] = stats.get("nonfinite", 0) + bad.sum().double()
+        _add_stat(stats, "nonfinite", bad.sum())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,8 +16,7 @@ like a causal LM, -100 ignored), with p = f-softargmax(logits; q):
 
 from __future__ import annotations
 
-import math
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 import numpy as np
 import torch

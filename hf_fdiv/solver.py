@@ -61,9 +61,8 @@ class RowProvider:
     Used for references and targets that would be too large to materialise for a whole batch,
     e.g. teacher probabilities projected from teacher hidden states one token chunk at a time."""
 
-    def __init__(self, fn, num_classes: int):
+    def __init__(self, fn):
         self.fn = fn
-        self.num_classes = num_classes
 
     def __call__(self, rows) -> Tensor:
         return self.fn(rows)
@@ -456,7 +455,7 @@ def solve_row_chunks(
             z = _shifted(x_rows, m, workspace)
             direct = out_rows is not None and out_rows.dtype == cdt and not isinstance(qc, Tensor)
             tau, p = _solve_kl(z, qc, out_rows if direct else None)
-            sol = RowSolution(sel, x_rows, m, qc, tau, p, None if direct else None, qc, None)
+            sol = RowSolution(sel, x_rows, m, qc, tau, p, None, qc, None)
         elif div.sparse:
             tau, p, zs, qs, idx = _solve_sparse(x_rows, m, qc, div, max_iter, topk, workspace, out_rows)
             sol = RowSolution(sel, x_rows, m, qc, tau, p, zs, qs, idx)

@@ -9,3 +9,14 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/oracles.py, tests/tiny.py
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples"))  # tiny_assets.py
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The tiny character-level tokenizer (tests/tiny.py) shared by the trainer tests."""
+    from tiny import make_tokenizer
+
+    return make_tokenizer()

@@ -19,12 +19,7 @@ from hf_fdiv import (
     fdiv_loss,
 )
 
-from tiny import SFT_COMMON, docstring_lines, make_model, make_tokenizer, messages_dataset, text_dataset
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_tokenizer()
+from tiny import SFT_COMMON, docstring_lines, make_model, messages_dataset, text_dataset
 
 
 def distiller(tok, tmp_path, teacher=None, student=None, dataset=None, **cfg):

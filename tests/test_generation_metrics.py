@@ -16,14 +16,9 @@ from hf_fdiv import f_softargmax
 from hf_fdiv.generation import FSoftargmaxLogitsProcessor, TeacherReference
 from hf_fdiv.metrics import jensen_shannon, make_compute_metrics, sparse_safe_metrics
 
-from tiny import make_model, make_tokenizer
+from tiny import make_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_tokenizer()
 
 
 @pytest.fixture(scope="module")

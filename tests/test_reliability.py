@@ -30,11 +30,6 @@ from tiny import COMMON, SFT_COMMON, make_model, make_tokenizer, messages_datase
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return make_tokenizer()
-
-
 def sft(tok, tmp_path, model=None, dataset=None, **cfg):
     kwargs = dict(SFT_COMMON)
     kwargs.update(per_device_train_batch_size=4, max_steps=2, learning_rate=1e-3)

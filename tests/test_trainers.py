@@ -3,9 +3,7 @@ gradient-accumulation exactness, LoRA, masking, padding-free, metrics, model car
 
 from __future__ import annotations
 
-import json
 import math
-import os
 
 import pytest
 import torch
@@ -21,16 +19,10 @@ from hf_fdiv import (
     FDivTrainer,
     FDivTrainingArguments,
     causal_lm_fdiv_loss,
-    fdiv_loss,
 )
 
-from tiny import COMMON, SFT_COMMON, make_model, make_tokenizer, messages_dataset, prompt_completion_dataset
+from tiny import COMMON, SFT_COMMON, make_model, messages_dataset, prompt_completion_dataset
 from tiny import text_dataset, tokenized_lm_dataset
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_tokenizer()
 
 
 def params(model):

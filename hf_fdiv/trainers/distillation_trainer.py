@@ -178,7 +178,7 @@ class FDivDistillationTrainer(FDivSFTTrainer):
                     y.mul_(1 - lam).scatter_add_(1, t[r][:, None], torch.full_like(y[:, :1], lam))
                 return y
 
-            return LossSpec(RowProvider(target_rows, V), self._fdiv_reference_for(t.device), rows, t)
+            return LossSpec(RowProvider(target_rows), self._fdiv_reference_for(t.device), rows, t)
         floor, mix = args.reference_floor, args.reference_mix
 
         def reference_rows(r):
@@ -187,7 +187,7 @@ class FDivDistillationTrainer(FDivSFTTrainer):
                 q.mul_(1 - mix).add_(mix / V)
             return q.clamp_(min=floor) if floor > 0 else q
 
-        return LossSpec(t, RowProvider(reference_rows, V), rows, None)
+        return LossSpec(t, RowProvider(reference_rows), rows, None)
 
     # ------------------------------------------------------------------ on-policy
     def get_batch_samples(self, epoch_iterator, num_batches, device):

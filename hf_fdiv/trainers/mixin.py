@@ -256,7 +256,7 @@ class FDivTrainerMixin:
         reference = spec.reference
         if isinstance(reference, Tensor) and reference.dim() > 1:  # per-position q: serve it by rows
             q_rows = reference.expand(*targets.shape, V).reshape(-1, V)
-            reference = RowProvider(lambda r: q_rows[r], V)
+            reference = RowProvider(lambda r: q_rows[r])
         weight = head.weight[:V] if head.weight.shape[0] != V else head.weight
         bias = getattr(head, "bias", None)
         bias = bias[:V] if bias is not None and bias.shape[0] != V else bias
