@@ -5,7 +5,7 @@ An f-divergence with a (not necessarily normalised) reference measure q is
     D_f(p, q) = sum_j q_j f(p_j / q_j)
 
 for a convex generator f: R+ -> R with f(1) = 0. The built-in generators also have f'(1) = 0, so
-D_f >= 0 for unnormalised measures too (see ``fdiv_math.md`` section 1.1).
+D_f >= 0 for unnormalised measures too (see ``docs/math.md`` section 1.1).
 
 The solver works with the convex conjugate f*(v) = sup_{u>=0} uv - f(u) through
 
@@ -14,9 +14,9 @@ The solver works with the convex conjugate f*(v) = sup_{u>=0} uv - f(u) through
 * ``conj(v)``       = f*(v)                                    (the dual value),
 
 plus the scalars ``f_prime_zero`` = f'(0) (finite <=> the operator is sparse), ``f_prime_inf`` =
-f'(+inf) (finite <=> (f*)' has a pole there), ``f_zero`` = f(0) (may be +inf) and
-``newton_power`` (the transform under which Newton on the normalisation equation is monotone, see
-:mod:`hf_fdiv.solver`).
+f'(+inf) (finite <=> (f*)' has a pole there) and ``f_zero`` = f(0) (may be +inf). How the root
+search runs for a generator (transform, safeguards, precision) is the solver's policy
+(:func:`hf_fdiv.solver.newton_policy`), not part of the generator.
 
 All methods take and return tensors of the same shape; they are evaluated in fp32 or fp64.
 
@@ -68,24 +68,14 @@ class FDivergence:
     f_prime_inf:   f'(+inf); ``+inf`` for super-linear f, otherwise the pole of (f*)'.
     f_zero:        f(0); may be ``+inf`` (then D_f(one-hot, q) is infinite and the loss drops the
                    infinite constant, see :func:`hf_fdiv.losses.fdiv_loss`).
-    newton_power:  r such that Newton on (sum_j p_j(tau))^r = 1 (r > 0) or log sum_j p_j(tau) = 0
-                   (r = 0) is monotone from the lower bracket end. 0 for dense f whose (f*)' is
-                   log-convex, alpha - 1 for the alpha family with alpha > 1.
     """
 
     name: str = "custom"
     f_prime_zero: float = -math.inf
     f_prime_inf: float = math.inf
     f_zero: float = 1.0
-    newton_power: Optional[float] = None  # None: 0 for dense f, 1 for sparse f
     #: True when ``bregman_to_zero(0)`` evaluates to exactly 0 (lets the loss skip a mask pass).
     bregman_zero_safe: bool = False
-    #: True when Newton on the transformed equation is provably monotone from tau_lo (convex
-    #: transform); otherwise every step must also halve the previous one or it is a bisection.
-    newton_monotone: bool = False
-    #: Solve in fp64 even for fp32 inputs: for alpha > 2, (f*)'' is infinite where a class enters the
-    #: support, so one fp32 ulp of tau moves such a p_j by ~sqrt(ulp) (entmax#36).
-    solve_in_fp64: bool = False
 
     # ---- the generator ---------------------------------------------------------------------
     def f(self, u: Tensor) -> Tensor:
@@ -147,7 +137,7 @@ class FDivergence:
     def jacobian_weight(self, p: Tensor, q: Union[float, Tensor]) -> Tensor:
         """s_j = q_j (f*)''(theta_j - tau) = q_j / f''(p_j / q_j), zero off the support.
 
-        The Jacobian of f-softargmax is diag(s) - s s^T / sum(s) (``fdiv_math.md`` 2.6).
+        The Jacobian of f-softargmax is diag(s) - s s^T / sum(s) (``docs/math.md`` 2.6).
         """
         v = self.f_prime(p / q)
         s = q * self.conj_hess(v)
@@ -163,12 +153,6 @@ class FDivergence:
     def superlinear(self) -> bool:
         """True when f'(+inf) = +inf, i.e. (f*)' has no pole."""
         return not math.isfinite(self.f_prime_inf)
-
-    @property
-    def newton_transform(self) -> float:
-        if self.newton_power is not None:
-            return float(self.newton_power)
-        return 1.0 if self.sparse else 0.0
 
     def clip_to_domain(self, v: Tensor) -> Tensor:
         """Arguments of (f*)' kept below its pole f'(+inf) (no-op for super-linear f)."""
@@ -202,7 +186,6 @@ class FDivergence:
         f_prime_zero: Optional[float] = None,
         f_prime_inf: float = math.inf,
         f_zero: Optional[float] = None,
-        newton_power: Optional[float] = None,
         conj: Optional[Callable[[Tensor], Tensor]] = None,
     ) -> "FDivergence":
         """Build a generator from plain functions.
@@ -228,17 +211,16 @@ class FDivergence:
 
         div = cls.__new__(_FunctionDivergence)
         _FunctionDivergence.__init__(
-            div, name, f, f_prime, f_prime_inverse, f_second, fpz, float(f_prime_inf), fz, newton_power, conj
+            div, name, f, f_prime, f_prime_inverse, f_second, fpz, float(f_prime_inf), fz, conj
         )
         return div
 
 
 class _FunctionDivergence(FDivergence):
-    def __init__(self, name, f, f_prime, f_prime_inverse, f_second, fpz, fpi, fz, newton_power, conj):
+    def __init__(self, name, f, f_prime, f_prime_inverse, f_second, fpz, fpi, fz, conj):
         self.name = name
         self._f, self._fp, self._fpi, self._fs, self._conj = f, f_prime, f_prime_inverse, f_second, conj
         self.f_prime_zero, self.f_prime_inf, self.f_zero = fpz, fpi, fz
-        self.newton_power = newton_power
 
     def f(self, u):
         return self._f(u)
@@ -268,7 +250,7 @@ class _FunctionDivergence(FDivergence):
 
 
 # ---------------------------------------------------------------------------------------------
-# Built-in generators (fdiv_math.md section 3). All normalised: f(1) = f'(1) = 0.
+# Built-in generators (docs/math.md section 3). All normalised: f(1) = f'(1) = 0.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -279,8 +261,6 @@ class KL(FDivergence):
     f_prime_zero = -math.inf
     f_prime_inf = math.inf
     f_zero = 1.0
-    newton_power = 0.0
-    newton_monotone = True
     bregman_zero_safe = True
 
     def f(self, u):
@@ -316,8 +296,6 @@ class ReverseKL(FDivergence):
     f_prime_zero = -math.inf
     f_prime_inf = 1.0
     f_zero = math.inf
-    newton_power = 0.0
-    newton_monotone = True
 
     def f(self, u):
         return -torch.log(u) + u - 1
@@ -352,8 +330,6 @@ class ChiSquare(FDivergence):
     f_prime_zero = -2.0
     f_prime_inf = math.inf
     f_zero = 1.0
-    newton_power = 1.0
-    newton_monotone = True
     bregman_zero_safe = True
 
     def f(self, u):
@@ -390,8 +366,6 @@ class SquaredHellinger(FDivergence):
     f_prime_zero = -math.inf
     f_prime_inf = 1.0
     f_zero = 1.0
-    newton_power = 0.0
-    newton_monotone = True
     bregman_zero_safe = True
 
     def f(self, u):
@@ -429,8 +403,6 @@ class JensenShannon(FDivergence):
     f_prime_zero = -math.inf
     f_prime_inf = _LOG2
     f_zero = _LOG2
-    newton_power = 0.0
-    newton_monotone = True
     bregman_zero_safe = True
 
     def f(self, u):
@@ -515,11 +487,7 @@ class AlphaDivergence(FDivergence):
         self.f_prime_zero = -1.0 / a1 if alpha > 1 else -math.inf
         self.f_prime_inf = math.inf if alpha > 1 else 1.0 / (1.0 - alpha)
         self.f_zero = 1.0 / alpha
-        self.newton_power = a1 if alpha > 1 else 0.0
         self.bregman_zero_safe = True
-        # (sum p)^(alpha-1) is convex in tau for alpha <= 2; log sum p is convex for alpha < 1.
-        self.newton_monotone = alpha <= 2
-        self.solve_in_fp64 = alpha > 2
 
     def f(self, u):
         a = self.alpha

@@ -11,6 +11,9 @@ all during the forward pass; the backward only rescales them (the output is a sc
 For sparse f (alpha > 1) p - y has a handful of non-zeros per token: both products use only those
 columns of W (exact, like Cut Cross-Entropy's gradient filtering but with no threshold), so the
 backward costs O(tokens x support x H) instead of O(tokens x V x H).
+
+On the sync-free backend (CUDA) rows whose solution is not certified contribute nothing in the first
+sweep; after the last token chunk one host synchronisation lists them and they are recomputed exactly.
 """
 
 from __future__ import annotations
@@ -22,13 +25,15 @@ import torch
 from torch import Tensor
 
 from .divergences import DivergenceSpec, FDivergence, get_divergence
-from .losses import _accumulate_stats, _add_stat, _onehot_value, _soft_value
-from .solver import RowProvider, prepare_reference, solve_row_chunks
+from .losses import IGNORE_INDEX, RowStats, check_target_ids, onehot_loss, soft_target_loss
+from .solver import RowProvider, prepare_reference, solve_rows, solver_backend
 
-__all__ = ["fused_linear_fdiv_loss", "LogitTransform", "FUSED_CHUNK_ELEMENTS"]
+__all__ = ["fused_linear_fdiv_loss", "LogitTransform", "FUSED_CHUNK_ELEMENTS", "FUSED_DEVICE_CHUNK_ELEMENTS"]
 
-#: token rows per chunk = FUSED_CHUNK_ELEMENTS // V (two fp32 [rows, V] buffers live at a time)
+#: token rows per chunk = FUSED_CHUNK_ELEMENTS // V on CPU (two fp32 [rows, V] buffers live at a time)
 FUSED_CHUNK_ELEMENTS = 1 << 24
+#: the same on accelerators: fewer, larger matmuls (256 MiB per fp32 buffer)
+FUSED_DEVICE_CHUNK_ELEMENTS = 1 << 26
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,7 @@ class LogitTransform:
         return cls(scale, float(softcap) if softcap else None)
 
     def apply(self, z: Tensor) -> Tensor:
+        """In place on ``z`` (and returned)."""
         if self.scale != 1.0:
             z.mul_(self.scale)
         if self.softcap:
@@ -68,124 +74,164 @@ class LogitTransform:
 
 
 @dataclass
-class _Spec:
+class _FusedProblem:
+    """What the fused function fits: targets (ids [N] or a RowProvider), the rows to fit, q, f."""
+
     target: Union[Tensor, RowProvider]
     rows: Tensor
     reference: object
     div: FDivergence
     transform: LogitTransform
     max_iter: Optional[int]
-    stats: Optional[dict]
-    stat_ids: Optional[Tensor]
     chunk_rows: int
-    skip_nonfinite: bool = False
+    skip_nonfinite: bool
+    backend: str
+    stats: Optional[RowStats]
+
+
+class _HeadGradients:
+    """fp32 accumulators of the loss sum and of its gradients w.r.t. hidden, weight and bias."""
+
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], need, cdt):
+        V, H = weight.shape
+        dev = hidden.device
+        self.total = torch.zeros((), dtype=torch.float64, device=dev)
+        self.h = torch.zeros_like(hidden) if need[0] else None
+        self.w = torch.zeros((V, H), dtype=cdt, device=dev) if need[1] else None
+        self.b = torch.zeros(V, dtype=cdt, device=dev) if (bias is not None and need[2]) else None
+
+    @property
+    def wanted(self) -> bool:
+        return self.h is not None or self.w is not None or self.b is not None
+
+    def push_dense(self, dz: Tensor, h: Tensor, w32: Tensor, rows: Tensor) -> None:
+        if self.h is not None:
+            self.h.index_copy_(0, rows, (dz @ w32).to(self.h.dtype))
+        if self.w is not None:
+            self.w.addmm_(dz.T, h)
+        if self.b is not None:
+            self.b.add_(dz.sum(0))
+
+    def push_sparse(self, val: Tensor, idx: Tensor, h: Tensor, w32: Tensor, rows: Tensor) -> None:
+        """grad_h[rows] = sum_k val_k W[idx_k], grad_W[idx_k] += val_k h, grad_b[idx_k] += val_k."""
+        n, k = idx.shape
+        flat = idx.reshape(-1)
+        if self.h is not None:
+            wk = w32.index_select(0, flat).view(n, k, -1)
+            self.h.index_copy_(0, rows, torch.bmm(val[:, None, :], wk).squeeze(1).to(self.h.dtype))
+        if self.w is not None:
+            self.w.index_add_(0, flat, (val[:, :, None] * h[:, None, :]).reshape(n * k, -1))
+        if self.b is not None:
+            self.b.index_add_(0, flat, val.reshape(-1))
+
+
+def _fit_chunk(hidden, w32, b32, problem: _FusedProblem, rows: Tensor, acc: _HeadGradients, backend: str, bufs):
+    """Loss and gradient pushes of the token rows ``rows``; returns (rows, uncertain) pairs of the
+    solutions whose rows were left out because they are not certified (sync-free backend)."""
+    n = rows.numel()
+    cdt = w32.dtype
+    div, onehot = problem.div, not isinstance(problem.target, RowProvider)
+    h = hidden.index_select(0, rows).to(cdt)
+    z = bufs["z"][:n]
+    if b32 is None:
+        torch.matmul(h, w32.T, out=z)
+    else:
+        torch.addmm(b32, h, w32.T, out=z)
+    problem.transform.apply(z)
+    q = problem.reference(rows) if isinstance(problem.reference, RowProvider) else problem.reference
+    t_chunk = problem.target[rows] if onehot else None
+    y_chunk = None if onehot else problem.target(rows).to(cdt)
+    deriv_chunk = problem.transform.derivative(z)
+    # Dense p - y rows are gathered in dz_all and pushed through the head with one matmul per token
+    # chunk; dense f write p straight into it.
+    dz_all = bufs["dz"][:n]
+    dense_subs, left_out = [], []
+    out = None if div.sparse else dz_all
+    options = {"workspace": bufs["work"]} if backend == "chunked" else {"resolve": False}
+    for sol in solve_rows(
+        z, q, div, out=out, max_iter=problem.max_iter, skip_nonfinite=problem.skip_nonfinite, backend=backend,
+        **options,
+    ):
+        sub = sol.rows  # slice of this token chunk
+        g_rows = rows[sub]
+        drop = sol.skipped
+        if sol.uncertain is not None:
+            left_out.append((g_rows, sol.uncertain))
+            drop = sol.uncertain if drop is None else drop | sol.uncertain
+        if onehot:
+            t = t_chunk[sub]
+            per_row = onehot_loss(sol, t, div)
+        else:
+            y = y_chunk[sub]
+            per_row = soft_target_loss(sol.dense_p(), y, sol, div)
+        if drop is not None:
+            per_row = per_row.masked_fill(drop, 0.0)
+        acc.total += per_row.sum()
+        if problem.stats is not None:
+            problem.stats.write(g_rows, sol)
+        if not acc.wanted:
+            continue
+        deriv = None if deriv_chunk is None else deriv_chunk[sub]
+        if onehot and sol.index is not None:
+            # sparse p - e_t: support columns plus the target column (duplicates add up)
+            idx = torch.cat([sol.index, t[:, None]], 1)
+            val = torch.cat([sol.p, torch.full_like(sol.p[:, :1], -1.0)], 1).to(cdt)
+            if deriv is not None:
+                val = val * (deriv if deriv.shape[1] == 1 else deriv.gather(1, idx))
+            if drop is not None:
+                val = val.masked_fill(drop[:, None], 0.0)
+            acc.push_sparse(val, idx, h[sub], w32, g_rows)
+            continue
+        dz = dz_all[sub]
+        if out is None:
+            dz.copy_(sol.dense_p())
+        if onehot:
+            dz.scatter_add_(1, t[:, None], torch.full_like(dz[:, :1], -1.0))
+        else:
+            dz.sub_(y)
+        if deriv is not None:
+            dz.mul_(deriv)
+        if drop is not None:
+            dz.masked_fill_(drop[:, None], 0.0)
+        dense_subs.append(sub)
+    if dense_subs:
+        if sum(s.stop - s.start for s in dense_subs) == n:
+            acc.push_dense(dz_all, h, w32, rows)
+        else:
+            pick = torch.cat([torch.arange(s.start, s.stop, device=h.device) for s in dense_subs])
+            acc.push_dense(dz_all[pick], h[pick], w32, rows[pick])
+    return left_out
 
 
 class FusedLinearFDivFunction(torch.autograd.Function):
-    """Scalar sum of l_f over ``spec.rows`` for logits = transform(hidden @ weight^T + bias)."""
+    """Scalar sum of l_f over ``problem.rows`` for logits = transform(hidden @ weight^T + bias)."""
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], spec: _Spec):
-        N, H = hidden.shape
-        V = weight.shape[0]
-        dev = hidden.device
-        need = ctx.needs_input_grad
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], problem: _FusedProblem):
         # logits, solve and gradients in fp32 (fp64 for fp64 heads), whatever the model's dtype
         cdt = torch.float64 if weight.dtype == torch.float64 else torch.float32
         w32 = weight.to(cdt)
         b32 = None if bias is None else bias.to(cdt)
-        grad_h = torch.zeros_like(hidden) if need[0] else None
-        grad_w = torch.zeros((V, H), dtype=cdt, device=dev) if need[1] else None
-        grad_b = torch.zeros(V, dtype=cdt, device=dev) if (bias is not None and need[2]) else None
-        total = torch.zeros((), dtype=torch.float64, device=dev)
-        onehot = not isinstance(spec.target, RowProvider)
-        c = spec.chunk_rows
-        zbuf = torch.empty((min(c, spec.rows.numel()), V), dtype=cdt, device=dev)
-        dzbuf = torch.empty_like(zbuf)
-        workspace = torch.empty_like(zbuf)
-        for a in range(0, spec.rows.numel(), c):
-            rows = spec.rows[a : a + c]
-            n = rows.numel()
-            h = hidden.index_select(0, rows).to(cdt)
-            z = zbuf[:n]
-            if b32 is None:
-                torch.matmul(h, w32.T, out=z)
-            else:
-                torch.addmm(b32, h, w32.T, out=z)
-            spec.transform.apply(z)
-            q = spec.reference(rows) if isinstance(spec.reference, RowProvider) else spec.reference
-            t_chunk = spec.target[rows] if onehot else None
-            y_chunk = None if onehot else spec.target(rows).to(cdt)
-            deriv_chunk = spec.transform.derivative(z)
-            # The solver sub-chunks the token rows (its own chunk size keeps flat rows from forcing a whole
-            # token chunk onto the dense path). Dense p - y rows are gathered in dzbuf and pushed through
-            # the head with one matmul per token chunk; dense f write p straight into dzbuf.
-            dz_all = dzbuf[:n]
-            dense_subs = []
-            out = None if spec.div.sparse else dz_all
-            for sol in solve_row_chunks(
-                z, q, spec.div, out=out, max_iter=spec.max_iter, workspace=workspace, skip_nonfinite=spec.skip_nonfinite
-            ):
-                sub = sol.rows  # slice of this token chunk
-                g_rows = rows[sub]
-                keep = None if sol.skipped is None else (~sol.skipped).to(cdt)[:, None]
-                if onehot:
-                    t = t_chunk[sub]
-                    per_row = _onehot_value(sol, t, spec.div)
-                else:
-                    y = y_chunk[sub]
-                    per_row = _soft_value(sol.dense_p(), y, sol, spec.div)
-                if keep is not None:  # skip mode: rows with non-finite logits contribute nothing
-                    per_row = per_row.masked_fill(sol.skipped, 0.0)
-                    if spec.stats is not None:
-                        _add_stat(spec.stats, "nonfinite", sol.skipped.sum())
-                total += per_row.sum()
-                if spec.stats is not None:
-                    ids = spec.target if onehot else spec.stat_ids
-                    _accumulate_stats(spec.stats, sol, ids[g_rows] if ids is not None else None)
-                if grad_h is None and grad_w is None and grad_b is None:
-                    continue
-                deriv = None if deriv_chunk is None else deriv_chunk[sub]
-                if onehot and sol.index is not None:
-                    # sparse p - e_t: support columns plus the target column (duplicates add up)
-                    idx = torch.cat([sol.index, t[:, None]], 1)
-                    val = torch.cat([sol.p, torch.full_like(sol.p[:, :1], -1.0)], 1).to(cdt)
-                    if deriv is not None:
-                        val = val * (deriv if deriv.shape[1] == 1 else deriv.gather(1, idx))
-                    if keep is not None:
-                        val = val * keep
-                    _push_sparse(val, idx, h[sub], w32, g_rows, grad_h, grad_w, grad_b)
-                    continue
-                dz = dz_all[sub]
-                if out is None:
-                    dz.copy_(sol.dense_p())
-                if onehot:
-                    dz.scatter_add_(1, t[:, None], torch.full_like(dz[:, :1], -1.0))
-                else:
-                    dz.sub_(y)
-                if deriv is not None:
-                    dz.mul_(deriv)
-                if keep is not None:
-                    dz.mul_(keep)
-                dense_subs.append(sub)
-            if dense_subs:
-                if sum(s.stop - s.start for s in dense_subs) == n:
-                    dz, hs, g_rows = dz_all, h, rows
-                else:
-                    pick = torch.cat([torch.arange(s.start, s.stop, device=dev) for s in dense_subs])
-                    dz, hs, g_rows = dz_all[pick], h[pick], rows[pick]
-                if grad_h is not None:
-                    grad_h.index_copy_(0, g_rows, (dz @ w32).to(grad_h.dtype))
-                if grad_w is not None:
-                    grad_w.addmm_(dz.T, hs)
-                if grad_b is not None:
-                    grad_b.add_(dz.sum(0))
+        acc = _HeadGradients(hidden, weight, bias, ctx.needs_input_grad, cdt)
+        c = problem.chunk_rows
+        zbuf = torch.empty((min(c, problem.rows.numel()), weight.shape[0]), dtype=cdt, device=hidden.device)
+        bufs = {"z": zbuf, "dz": torch.empty_like(zbuf)}
+        if problem.backend == "chunked":
+            bufs["work"] = torch.empty_like(zbuf)
+        left_out = []
+        for a in range(0, problem.rows.numel(), c):
+            left_out += _fit_chunk(hidden, w32, b32, problem, problem.rows[a : a + c], acc, problem.backend, bufs)
+        if left_out:
+            rows = torch.cat([r for r, _ in left_out])
+            redo = rows[torch.cat([m for _, m in left_out])]  # the one host synchronisation of the sweep
+            for a in range(0, redo.numel(), c):
+                _fit_chunk(hidden, w32, b32, problem, redo[a : a + c], acc, "chunked", bufs | {"work": None})
         ctx.grads = (
-            grad_h,
-            None if grad_w is None else grad_w.to(weight.dtype),
-            None if grad_b is None else grad_b.to(bias.dtype),
+            acc.h,
+            None if acc.w is None else acc.w.to(weight.dtype),
+            None if acc.b is None else acc.b.to(bias.dtype),
         )
-        return total.to(cdt)
+        return acc.total.to(cdt)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
@@ -193,28 +239,8 @@ class FusedLinearFDivFunction(torch.autograd.Function):
         if grads is None:
             raise RuntimeError("fused_linear_fdiv_loss backward ran twice: recompute the loss instead of retain_graph.")
         ctx.grads = None
-        g = grad_out
-        out = []
-        for x in grads:
-            if x is None:
-                out.append(None)
-            else:
-                out.append(x.mul_(g.to(x.dtype)))
+        out = [None if g is None else g.mul_(grad_out.to(g.dtype)) for g in grads]
         return out[0], out[1], out[2], None
-
-
-def _push_sparse(val, idx, h, w32, rows, grad_h, grad_w, grad_b) -> None:
-    """grad_h[rows] = sum_k val_k W[idx_k], grad_W[idx_k] += val_k h, grad_b[idx_k] += val_k."""
-    n, k = idx.shape
-    H = h.shape[1]
-    flat = idx.reshape(-1)
-    if grad_h is not None:
-        wk = w32.index_select(0, flat).view(n, k, H)
-        grad_h.index_copy_(0, rows, torch.bmm(val[:, None, :], wk).squeeze(1).to(grad_h.dtype))
-    if grad_w is not None:
-        grad_w.index_add_(0, flat, (val[:, :, None] * h[:, None, :]).reshape(n * k, H))
-    if grad_b is not None:
-        grad_b.index_add_(0, flat, val.reshape(-1))
 
 
 def fused_linear_fdiv_loss(
@@ -224,15 +250,14 @@ def fused_linear_fdiv_loss(
     divergence: DivergenceSpec = "alpha:1.5",
     reference: Union[str, float, Tensor, RowProvider] = "unit",
     bias: Optional[Tensor] = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     transform: LogitTransform = LogitTransform(),
     max_iter: Optional[int] = None,
-    stats: Optional[dict] = None,
     rows: Optional[Tensor] = None,
-    stat_ids: Optional[Tensor] = None,
-    chunk_elements: int = FUSED_CHUNK_ELEMENTS,
+    chunk_elements: Optional[int] = None,
     skip_nonfinite: bool = False,
-) -> Tensor:
+    return_stats: bool = False,
+):
     """Sum over target tokens of l_f(transform(hidden @ weight^T + bias), target; q), with gradients
     w.r.t. ``hidden``, ``weight`` and ``bias``, without materialising the logits.
 
@@ -243,15 +268,19 @@ def fused_linear_fdiv_loss(
             target distributions (then ``rows`` lists the rows to use).
         reference: ``"unit"``, ``"uniform"``, a number, a [V] prior or a RowProvider of per-token q.
         transform: the architecture's logit scale / soft-cap (:meth:`LogitTransform.from_config`).
+        chunk_elements: token rows per chunk = chunk_elements // V (default: cache-sized on CPU,
+            a memory budget on accelerators).
+        return_stats: also return :class:`~hf_fdiv.losses.RowStats` over the N hidden rows.
     Returns:
-        A 0-d fp32 tensor: the sum (divide by the token count yourself, e.g. ``num_items_in_batch``).
+        A 0-d fp32 tensor: the sum (divide by the token count yourself, e.g. ``num_items_in_batch``);
+        with ``return_stats``, a tuple (sum, RowStats).
     """
     div = get_divergence(divergence)
     H = hidden.shape[-1]
     h2 = hidden.reshape(-1, H)
     N, V = h2.shape[0], weight.shape[0]
-    if weight.shape[1] != H:
-        raise ValueError(f"LM head weight is {tuple(weight.shape)} but hidden states have H={H}.")
+    if weight.dim() != 2 or weight.shape[1] != H:
+        raise ValueError(f"LM head weight is {tuple(weight.shape)} but hidden states have H={H}: it must be [V, H].")
     if isinstance(target, RowProvider):
         if rows is None:
             raise ValueError("a RowProvider target needs `rows` (the token rows to train on).")
@@ -259,24 +288,26 @@ def fused_linear_fdiv_loss(
         target = target.reshape(-1).to(h2.device)
         if target.numel() != N:
             raise ValueError(f"{target.numel()} targets for {N} hidden rows: shift/flatten them consistently.")
-        valid = target != ignore_index
-        bad = valid & ((target < 0) | (target >= V))
-        if bool(bad.any()):
-            raise ValueError(
-                f"target id {int(target[bad][0])} is out of range for V={V} and is not ignore_index={ignore_index}."
-            )
+        check_target_ids(target, V, ignore_index)
         if rows is None:
-            rows = valid.nonzero().squeeze(1)
+            rows = (target != ignore_index).nonzero().squeeze(1)
     if not isinstance(reference, RowProvider):
         probe = torch.empty((1, V), device=h2.device, dtype=torch.float32)
         reference = prepare_reference(reference, probe, -1)
         if isinstance(reference, Tensor):
             reference = reference.reshape(V)
+    stats = RowStats.empty(N, h2.device) if return_stats else None
     if rows.numel() == 0:
-        return (h2.sum() * 0.0 + weight.sum() * 0.0).float()
-    spec = _Spec(
+        total = (h2.sum() * 0.0 + weight.sum() * 0.0).float()
+        return (total, stats) if return_stats else total
+    backend = solver_backend(h2)
+    if backend == "triton":  # the kernels compute whole losses; inside the fused head the solve is batched
+        backend = "batched"
+    if chunk_elements is None:
+        chunk_elements = FUSED_CHUNK_ELEMENTS if backend == "chunked" else FUSED_DEVICE_CHUNK_ELEMENTS
+    problem = _FusedProblem(
         target=target, rows=rows, reference=reference, div=div, transform=transform, max_iter=max_iter,
-        stats=stats, stat_ids=stat_ids, chunk_rows=max(1, chunk_elements // max(V, 1)),
-        skip_nonfinite=skip_nonfinite,
+        chunk_rows=max(1, chunk_elements // max(V, 1)), skip_nonfinite=skip_nonfinite, backend=backend, stats=stats,
     )
-    return FusedLinearFDivFunction.apply(h2, weight, bias, spec)
+    total = FusedLinearFDivFunction.apply(h2, weight, bias, problem)
+    return (total, stats) if return_stats else total

@@ -2,7 +2,7 @@
 
     l_f(theta, y; q) = f-softmax(theta; q) + D_f(y, q) - <theta, y>,      grad_theta l_f = p - y,
 
-with p = f-softargmax(theta; q) (``fdiv_math.md`` 1.3). The value is computed as
+with p = f-softargmax(theta; q) (``docs/math.md``; paper, section 4). The value is computed as
 tau + sum_j q_j B_f(0, p_j / q_j) - <y, theta - max> + sum_j q_j [f(y_j / q_j) - f(0)], where
 B_f(0, u) = f(0) - f(u) + u f'(u) >= 0 (:meth:`FDivergence.bregman_to_zero`): the f(0) constants of
 f-softmax and D_f(y, q) cancel analytically, the sums run over the supports of p and y, and no large
@@ -12,14 +12,16 @@ with unit or uniform q it is ``F.cross_entropy``.
 When f(0) = +inf (``reverse_kl``) the constant D_f(y, q) is infinite for targets with zeros; the
 infinite terms are dropped (the gradient is unchanged, the value is no longer >= 0).
 
-Gradients are computed in the forward pass, chunk by chunk, into one buffer of the logits' dtype
-(p - y, sparse for sparse f); the backward only rescales it. Nothing else [N, V] is kept.
+Gradients are computed in the forward pass into one buffer of the logits' dtype (p - y, sparse for
+sparse f); the backward only rescales it. Nothing else [N, V] is kept. The metrics the trainers log
+come back as per-row :class:`RowStats`, never as bookkeeping inside the math.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from dataclasses import dataclass
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -27,113 +29,111 @@ from torch import Tensor, nn
 
 from .divergences import KL, DivergenceSpec, FDivergence, get_divergence
 from .solver import (
-    CHUNK_ELEMENTS,
     ReferenceSpec,
     RowProvider,
     RowSolution,
-    _as_rows,
-    _compute_dtype,
-    _q_for_rows,
+    as_rows,
+    compute_dtype,
+    flatten_reference,
     prepare_reference,
-    solve_row_chunks,
+    reference_at_targets,
+    row_statistics,
+    solve_rows,
+    solver_backend,
     sum_q_bregman,
+    work_chunk_rows,
 )
 
-__all__ = ["fdiv_loss", "FDivLoss", "causal_lm_fdiv_loss"]
+__all__ = [
+    "fdiv_loss",
+    "FDivLoss",
+    "causal_lm_fdiv_loss",
+    "fdiv_loss_rows",
+    "RowStats",
+    "onehot_loss",
+    "soft_target_loss",
+    "check_targets",
+    "IGNORE_INDEX",
+]
 
+IGNORE_INDEX = -100
 _REDUCTIONS = ("mean", "sum", "none")
 
 
+class RowStats(NamedTuple):
+    """Per-row quantities for metrics, aligned with the loss rows (no host synchronisation).
+
+    ``support``: classes with p > 0; ``entropy``: Shannon entropy of p (0 log 0 = 0); ``pred``:
+    argmax p (= argmax of the logits), -1 where the row was not solved; ``solved``: rows that
+    count (not ignored, not skipped); ``skipped``: rows skipped for non-finite logits."""
+
+    support: Tensor
+    entropy: Tensor
+    pred: Tensor
+    solved: Tensor
+    skipped: Tensor
+
+    @staticmethod
+    def empty(n: int, device) -> "RowStats":
+        z = torch.zeros(n, dtype=torch.float32, device=device)
+        no = torch.zeros(n, dtype=torch.bool, device=device)
+        return RowStats(z, z.clone(), torch.full((n,), -1, dtype=torch.long, device=device), no, no.clone())
+
+    def write(self, rows, sol: RowSolution) -> None:
+        """Record a solution's rows (``rows``: where they go in these arrays)."""
+        support, entropy, pred = row_statistics(sol)
+        self.support[rows] = support.to(self.support.dtype)
+        self.entropy[rows] = entropy.to(self.entropy.dtype)
+        self.pred[rows] = pred
+        skipped = sol.skipped if sol.skipped is not None else torch.zeros_like(pred, dtype=torch.bool)
+        self.skipped[rows] = skipped
+        self.solved[rows] = ~skipped
+
+
 # ---------------------------------------------------------------------------------------------
-# Per-chunk specialisations
+# Per-row loss values from a solution
 # ---------------------------------------------------------------------------------------------
 
 
-def _gather_row_q(q_full, c: Tensor, like: Tensor):
-    if not isinstance(q_full, Tensor):
-        return torch.full_like(like, q_full)
-    if q_full.shape[0] == 1:
-        return q_full[0].gather(0, c)
-    return q_full.gather(1, c[:, None]).squeeze(1)
-
-
-def _onehot_value(sol: RowSolution, c: Tensor, div: FDivergence) -> Tensor:
-    """l_f(theta, e_c; q) = tau + sum_j q_j c(p_j/q_j) - z_c + q_c f(1/q_c) - q_c f(0).
+def onehot_loss(sol: RowSolution, c: Tensor, div: FDivergence) -> Tensor:
+    """l_f(theta, e_c; q) = tau + sum_j q_j c(p_j/q_j) - z_c + q_c f(1/q_c) - q_c f(0), per row.
 
     (dual value with the f(0) constants of f-softmax and D_f(e_c, q) cancelled analytically; the sum
-    runs over the support of p only and has no large cancelling terms)."""
+    runs over the support of p only and has no large cancelling terms). A target class at -inf gives
+    an infinite loss: :func:`fdiv_loss` rejects such targets beforehand."""
     z_c = sol.z_at(c)
-    if bool(torch.isinf(z_c).any()):
-        raise ValueError(
-            "a target class has logit -inf or reference q = 0 (it is excluded), so the loss is infinite: "
-            "do not mask the target class, or give it a positive reference."
-        )
-    q_c = _gather_row_q(sol.q_full, c, z_c)
+    q_c = reference_at_targets(sol.q_rows, c, z_c)
     if isinstance(div, KL):
         # CE(theta + log q, c) = tau - (z_c + log q_c), tau = logsumexp(z + log q).
         return sol.tau - z_c - torch.log(q_c)
-    value = sol.tau + sum_q_bregman(sol.p, sol.q, div) - z_c + q_c * div.f(1.0 / q_c)
+    value = sol.tau + sum_q_bregman(sol.p, sol.q_cols, div) - z_c + q_c * div.f(1.0 / q_c)
     if not math.isinf(div.f_zero):
         value = value - q_c * div.f_zero
     return value
 
 
-def _soft_value(p: Tensor, y: Tensor, sol: RowSolution, div: FDivergence) -> Tensor:
-    """l_f(theta, y; q) = tau + sum_j q_j c(p_j/q_j) - <y, z> + sum_j q_j [f(y_j/q_j) - f(0)]."""
-    z, q = sol.z_dense(), sol.q_full
+def soft_target_loss(p: Tensor, y: Tensor, sol: RowSolution, div: FDivergence) -> Tensor:
+    """l_f(theta, y; q) = tau + sum_j q_j c(p_j/q_j) - <y, z> + sum_j q_j [f(y_j/q_j) - f(0)], per row;
+    ``p`` is the dense solution [n, V]. Mass of y on an excluded class (z = -inf) gives +inf."""
+    z, q = sol.z_dense(), sol.q_rows
     pos_y = y > 0
-    if bool((torch.isinf(z) & pos_y).any()):
-        raise ValueError(
-            "the target distribution puts mass on a class with logit -inf or reference q = 0, so the loss is "
-            "infinite: give those classes zero target mass."
-        )
     f0 = 0.0 if math.isinf(div.f_zero) else div.f_zero
     qf = q.expand_as(y) if isinstance(q, Tensor) else q
     dy = torch.where(pos_y, qf * (div.f(torch.where(pos_y, y / qf, torch.ones_like(y))) - f0), torch.zeros_like(y))
     yz = torch.where(pos_y, y * z, torch.zeros_like(y))
-    return sol.tau + sum_q_bregman(p, sol.q_full, div) - yz.sum(1) + dy.sum(1)  # p is dense here
+    return sol.tau + sum_q_bregman(p, sol.q_rows, div) - yz.sum(1) + dy.sum(1)
 
 
-def _target_prob(sol: RowSolution, c: Tensor) -> Tensor:
-    """p_c per row, in the compute dtype."""
-    if sol.index is None:
-        return sol.p.gather(1, c[:, None]).squeeze(1)
-    return (sol.p * (sol.index == c[:, None])).sum(1)
-
-
-def _add_stat(stats: dict, key: str, value: Tensor) -> None:
-    """Running fp64 sums for trainer metrics, kept on device (no host sync)."""
-    stats[key] = stats.get(key, 0) + value.double()
-
-
-def _accumulate_stats(stats: dict, sol: RowSolution, c: Optional[Tensor]) -> None:
-    """Token statistics of p for trainer metrics (no host sync): support size, Shannon entropy
-    (well defined for sparse p: 0 log 0 = 0), top-1 accuracy (argmax p = argmax logits)."""
-    p = sol.p
-    top = p.argmax(1)
-    pred = top if sol.index is None else sol.index.gather(1, top[:, None]).squeeze(1)
-    add = {
-        "support": (p > 0).sum(),
-        "entropy": -torch.xlogy(p, p).sum(),
-        "count": torch.tensor(p.shape[0], device=p.device),
-    }
-    if c is not None:
-        add["correct"] = (pred == c).sum()
-    for key, value in add.items():
-        _add_stat(stats, key, value)
-
-
-def _zero_skipped(sol: RowSolution, loss_c: Tensor, grad: Optional[Tensor], stats: Optional[dict]) -> None:
-    """Rows with non-finite logits (skip mode) contribute nothing: loss 0, gradient 0, counted."""
-    bad = sol.skipped
-    loss_c.masked_fill_(bad, 0.0)
-    if grad is not None:
-        if isinstance(sol.rows, slice):
-            grad[sol.rows][bad] = 0
-        else:
-            grad[sol.rows[bad]] = 0
-    if stats is not None:
-        _add_stat(stats, "nonfinite", bad.sum())
+def _excluded_target_error(soft: bool) -> ValueError:
+    if soft:
+        return ValueError(
+            "the target distribution puts mass on a class with logit -inf or reference q = 0, so the loss is "
+            "infinite: give those classes zero target mass."
+        )
+    return ValueError(
+        "a target class has logit -inf or reference q = 0 (it is excluded), so the loss is infinite: "
+        "do not mask the target class, or give it a positive reference."
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,74 +141,83 @@ def _zero_skipped(sol: RowSolution, loss_c: Tensor, grad: Optional[Tensor], stat
 # ---------------------------------------------------------------------------------------------
 
 
-class FDivLossFunction(torch.autograd.Function):
-    """Per-row losses [N] for logits [N, V] and targets (ids [N] or a distribution [N, V]).
+@dataclass(frozen=True)
+class LossOptions:
+    """Everything but the tensors: how :class:`FDivLossFunction` treats its rows."""
 
-    Forward solves f-softargmax chunk by chunk, writes p - y into the gradient buffer and returns the
-    per-row loss (0 for ignored rows). Backward scales the buffer in place by the incoming gradient:
-    it can run once (like Liger's fused losses); a second backward through the same graph raises.
+    ignore_index: int = IGNORE_INDEX
+    label_smoothing: float = 0.0
+    max_iter: Optional[int] = None
+    skip_nonfinite: bool = False
+    with_stats: bool = False
+
+
+class FDivLossFunction(torch.autograd.Function):
+    """Per-row losses [N] for logits [N, V] and targets (ids [N], a distribution [N, V] or a
+    RowProvider of distributions), plus :class:`RowStats` fields (not differentiable).
+
+    Forward solves f-softargmax, writes p - y into the gradient buffer and returns the per-row loss
+    (0 for rows not in ``rows``). Backward scales the buffer in place by the incoming gradient: it can
+    run once (like Liger's fused losses); a second backward through the same graph raises.
     """
 
     @staticmethod
-    def forward(
-        ctx, x, target, q, div, ignore_index, label_smoothing, max_iter, stats=None, rows=None, stat_ids=None,
-        skip_nonfinite=False,
-    ):
+    def forward(ctx, x, target, q, div, rows, options: LossOptions):
         N, V = x.shape
-        cdt = _compute_dtype(x.dtype)
-        need_grad = ctx.needs_input_grad[0]
+        cdt = compute_dtype(x.dtype)
         losses = torch.zeros(N, dtype=cdt, device=x.device)
+        stats = RowStats.empty(N if options.with_stats else 0, x.device)
         lazy_target = isinstance(target, RowProvider)
         is_ids = not lazy_target and not target.is_floating_point()
-        onehot = is_ids and label_smoothing == 0.0
-        if is_ids and rows is None:
-            valid = target != ignore_index
-            if not bool(valid.all()):
-                rows = valid.nonzero().squeeze(1)
+        onehot = is_ids and options.label_smoothing == 0.0
         grad = None
-        if need_grad:
+        if ctx.needs_input_grad[0]:
             grad = torch.zeros_like(x) if rows is not None else torch.empty_like(x)
+        infinite = torch.zeros((), dtype=torch.bool, device=x.device)
         if rows is None or rows.numel() > 0:
             # One-hot targets: the solver writes p straight into the gradient buffer.
             out = grad if onehot else None
-            for sol in solve_row_chunks(x, q, div, rows=rows, out=out, max_iter=max_iter, skip_nonfinite=skip_nonfinite):
+            for sol in solve_rows(
+                x, q, div, rows=rows, out=out, max_iter=options.max_iter, skip_nonfinite=options.skip_nonfinite
+            ):
                 if onehot:
                     c = target[sol.rows]
-                    loss_c = _onehot_value(sol, c, div)
+                    loss_c = onehot_loss(sol, c, div)
                     if grad is not None:
                         # p_c - 1 formed in the compute dtype, then cast (no bf16 cancellation).
-                        g_c = (_target_prob(sol, c) - 1).to(x.dtype)
+                        g_c = (sol.p_at(c) - 1).to(x.dtype)
                         if isinstance(sol.rows, slice):
                             grad[sol.rows].scatter_(1, c[:, None], g_c[:, None])
                         else:
                             grad.index_put_((sol.rows, c), g_c)
                 else:
-                    if is_ids:
-                        c = target[sol.rows]
-                        y = torch.full(sol.x_rows.shape, label_smoothing / V, dtype=cdt, device=x.device)
-                        y.scatter_add_(1, c[:, None], torch.full_like(y[:, :1], 1.0 - label_smoothing))
-                    elif lazy_target:
-                        y = target(sol.rows).to(cdt)
-                    else:
-                        y = target[sol.rows].to(cdt)
+                    y = _target_rows(target, sol, is_ids, options.label_smoothing, cdt)
                     p = sol.dense_p()
-                    loss_c = _soft_value(p, y, sol, div)
+                    loss_c = soft_target_loss(p, y, sol, div)
                     if grad is not None:
                         if isinstance(sol.rows, slice):
                             grad[sol.rows] = p - y
                         else:
                             grad.index_copy_(0, sol.rows, (p - y).to(x.dtype))
-                if sol.skipped is not None:
-                    _zero_skipped(sol, loss_c, grad, stats)
+                ok = torch.isfinite(loss_c)
+                if sol.skipped is not None:  # rows with non-finite logits contribute nothing
+                    ok = ok | sol.skipped
+                    loss_c = loss_c.masked_fill(sol.skipped, 0.0)
+                    if grad is not None:
+                        _zero_rows(grad, sol.rows, sol.skipped)
+                bad = ~ok if sol.uncertain is None else ~ok & ~sol.uncertain
+                infinite = infinite | bad.any()
                 losses[sol.rows] = loss_c
-                if stats is not None:
-                    ids = target if is_ids else stat_ids
-                    _accumulate_stats(stats, sol, ids[sol.rows] if ids is not None else None)
+                if options.with_stats:
+                    stats.write(sol.rows, sol)
+        if bool(infinite):  # one host check per call: an excluded target makes the loss infinite
+            raise _excluded_target_error(not onehot)
         ctx.grad_buffer = grad
-        return losses
+        ctx.mark_non_differentiable(*stats)
+        return (losses, *stats)
 
     @staticmethod
-    def backward(ctx, grad_losses):
+    def backward(ctx, grad_losses, *unused):
         grad = ctx.grad_buffer
         if grad is None:
             raise RuntimeError(
@@ -220,11 +229,30 @@ class FDivLossFunction(torch.autograd.Function):
             grad.mul_(grad_losses.to(grad.dtype)[:, None])
         else:  # scale low-precision gradients in fp32, chunk by chunk
             N, V = grad.shape
-            step = max(1, CHUNK_ELEMENTS // max(V, 1))
+            step = work_chunk_rows(grad, V)
             for a in range(0, N, step):
                 sl = slice(a, min(N, a + step))
                 grad[sl] = grad[sl].float() * grad_losses[sl].float()[:, None]
-        return grad, None, None, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None
+
+
+def _target_rows(target, sol: RowSolution, is_ids: bool, label_smoothing: float, dtype) -> Tensor:
+    """The target distribution of a solution's rows, [n, V] in the compute dtype."""
+    if is_ids:
+        c = target[sol.rows]
+        V = sol.x_rows.shape[1]
+        y = torch.full(sol.x_rows.shape, label_smoothing / V, dtype=dtype, device=c.device)
+        return y.scatter_add_(1, c[:, None], torch.full_like(y[:, :1], 1.0 - label_smoothing))
+    if isinstance(target, RowProvider):
+        return target(sol.rows).to(dtype)
+    return target[sol.rows].to(dtype)
+
+
+def _zero_rows(grad: Tensor, rows, mask: Tensor) -> None:
+    if isinstance(rows, slice):
+        grad[rows].masked_fill_(mask[:, None], 0)
+    else:
+        grad.index_copy_(0, rows, grad.index_select(0, rows).masked_fill_(mask[:, None], 0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,7 +260,10 @@ class FDivLossFunction(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_targets(target: Tensor, logits: Tensor, ignore_index: int) -> None:
+def check_targets(target: Tensor, logits: Tensor, ignore_index: int = IGNORE_INDEX) -> None:
+    """Raise a ValueError that says how to fix targets that do not fit ``logits`` [..., V]:
+    class ids of shape logits.shape[:-1] in [0, V) or ``ignore_index``, or distributions on the simplex
+    of the logits' shape. One host synchronisation."""
     V = logits.shape[-1]
     if target.is_floating_point():
         if tuple(target.shape) != tuple(logits.shape):
@@ -240,13 +271,16 @@ def _check_targets(target: Tensor, logits: Tensor, ignore_index: int) -> None:
                 f"a target distribution must have the logits' shape {tuple(logits.shape)}, got {tuple(target.shape)}; "
                 "class-id targets must be an integer tensor of shape logits.shape[:-1]."
             )
-        if not bool(torch.isfinite(target).all()) or bool((target < 0).any()):
-            raise ValueError("target distribution has negative, NaN or inf entries: pass probabilities >= 0.")
         sums = target.double().sum(-1)
-        if bool(((sums - 1).abs() > 1e-3).any()):
+        invalid, lo, hi = torch.stack(
+            [((~torch.isfinite(target)) | (target < 0)).any().double(), sums.min(), sums.max()]
+        ).tolist() if sums.numel() else (0.0, 1.0, 1.0)
+        if invalid:
+            raise ValueError("target distribution has negative, NaN or inf entries: pass probabilities >= 0.")
+        if abs(lo - 1) > 1e-3 or abs(hi - 1) > 1e-3:
             raise ValueError(
-                "target distribution rows must sum to 1 (got sums in "
-                f"[{float(sums.min()):.4g}, {float(sums.max()):.4g}]); normalise them, e.g. softmax(teacher_logits)."
+                f"target distribution rows must sum to 1 (got sums in [{lo:.4g}, {hi:.4g}]); normalise them, "
+                "e.g. softmax(teacher_logits)."
             )
         return
     if target.dtype == torch.bool or target.is_complex():
@@ -256,14 +290,48 @@ def _check_targets(target: Tensor, logits: Tensor, ignore_index: int) -> None:
             f"class-id targets must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, got "
             f"{tuple(target.shape)} (the class dimension of the logits is the last one)."
         )
-    valid = target != ignore_index
-    bad = valid & ((target < 0) | (target >= V))
-    if bool(bad.any()):
+    check_target_ids(target, V, ignore_index)
+
+
+def check_target_ids(target: Tensor, V: int, ignore_index: int = IGNORE_INDEX) -> None:
+    """Class ids must be in [0, V) or ``ignore_index`` (one host synchronisation)."""
+    bad = (target != ignore_index) & ((target < 0) | (target >= V))
+    count = int(bad.sum())
+    if count:
         example = int(target[bad].flatten()[0])
         raise ValueError(
-            f"target id {example} is out of range for V={V} classes ({int(bad.sum())} such targets) and is not "
+            f"target id {example} is out of range for V={V} classes ({count} such targets) and is not "
             f"ignore_index={ignore_index}: check the tokenizer/vocabulary size or mask those labels with {ignore_index}."
         )
+
+
+def fdiv_loss_rows(
+    x: Tensor,
+    target: Union[Tensor, RowProvider],
+    q,
+    div: FDivergence,
+    *,
+    rows: Optional[Tensor] = None,
+    ignore_index: int = IGNORE_INDEX,
+    label_smoothing: float = 0.0,
+    max_iter: Optional[int] = None,
+    skip_nonfinite: bool = False,
+    return_stats: bool = False,
+) -> tuple[Tensor, Optional[RowStats]]:
+    """Per-row Fenchel-Young losses of logits ``x`` [N, V] (differentiable), the trainers' entry point.
+
+    ``target``: ids [N] (``ignore_index`` rows give 0), a distribution [N, V] or a RowProvider of them;
+    ``q``: a prepared reference (:func:`hf_fdiv.solver.prepare_reference` + ``flatten_reference``) or a
+    RowProvider; ``rows``: the rows to fit (default: every row, or the non-ignored ids). Targets are
+    assumed checked (:func:`check_targets`). Returns (losses [N], :class:`RowStats` or None)."""
+    if rows is None and isinstance(target, Tensor) and not target.is_floating_point():
+        valid = target != ignore_index
+        rows = valid.nonzero().squeeze(1)  # one host synchronisation (data-dependent row count)
+        if rows.numel() == x.shape[0]:
+            rows = None
+    options = LossOptions(int(ignore_index), float(label_smoothing), max_iter, bool(skip_nonfinite), return_stats)
+    losses, *stats = FDivLossFunction.apply(x, target, q, div, rows, options)
+    return losses, (RowStats(*stats) if return_stats else None)
 
 
 def fdiv_loss(
@@ -271,13 +339,13 @@ def fdiv_loss(
     target: Tensor,
     divergence: DivergenceSpec = "alpha:1.5",
     reference: ReferenceSpec = "unit",
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     max_iter: Optional[int] = None,
-    stats: Optional[dict] = None,
     skip_nonfinite: bool = False,
-) -> Tensor:
+    return_stats: bool = False,
+):
     """Fenchel-Young loss l_f(logits, target; q) with gradient f-softargmax(logits; q) - target.
 
     Args:
@@ -292,14 +360,14 @@ def fdiv_loss(
         label_smoothing: eps in [0, 1): y = (1 - eps) e_c + eps / V (as ``F.cross_entropy``). For
             soft targets the FY loss is KL-like: with ``"kl"`` it equals ``F.cross_entropy`` minus the
             entropy of y (same gradient).
-        stats: optional dict; sums over the non-ignored rows are added to it as 0-d fp64 tensors:
-            ``support`` (classes with p > 0), ``entropy`` (of p), ``correct`` (argmax = target, ids
-            only) and ``count`` (rows). Used by the trainers' metrics; no host synchronisation.
-        skip_nonfinite: rows whose logits have a NaN/+inf entry get loss 0 and gradient 0 (counted in
-            ``stats["nonfinite"]``) instead of raising :class:`~hf_fdiv.solver.NonFiniteLogitsError`.
+        skip_nonfinite: rows whose logits have a NaN/+inf entry get loss 0 and gradient 0 (flagged in
+            the stats) instead of raising :class:`~hf_fdiv.solver.NonFiniteLogitsError`.
+        return_stats: also return :class:`RowStats` over the flattened rows (support size, entropy,
+            argmax per row), for metrics.
 
     Returns:
-        The reduced loss, in the logits' dtype (fp32 for bf16/fp16 logits: the solve is in fp32).
+        The reduced loss, in the logits' dtype (fp32 for bf16/fp16 logits: the solve is in fp32); with
+        ``return_stats``, a tuple (loss, RowStats).
     """
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}.")
@@ -308,37 +376,57 @@ def fdiv_loss(
     if not isinstance(target, Tensor):
         raise ValueError("target must be a tensor of class ids or a distribution.")
     div = get_divergence(divergence)
-    x, shape = _as_rows(logits, -1)
-    _check_targets(target, logits, ignore_index)
-    q = _q_for_rows(prepare_reference(reference, logits, -1), shape)
+    x, shape = as_rows(logits, -1)
+    check_targets(target, logits, ignore_index)
+    q = flatten_reference(prepare_reference(reference, logits, -1), shape)
     if target.is_floating_point():
         t = target.reshape(-1, shape[-1])
-        n_valid = x.shape[0]
     else:
         t = target.reshape(-1).to(device=x.device, dtype=torch.long)
-        n_valid = int((t != ignore_index).sum())
-    per_row = FDivLossFunction.apply(
-        x, t, q, div, int(ignore_index), float(label_smoothing), max_iter, stats, None, None, bool(skip_nonfinite)
-    )
+    kernel = _triton_loss(x, t, q, div, ignore_index, label_smoothing, max_iter, skip_nonfinite, return_stats)
+    if kernel is not None:
+        per_row, stats = kernel
+    else:
+        per_row, stats = fdiv_loss_rows(
+            x, t, q, div, ignore_index=ignore_index, label_smoothing=label_smoothing, max_iter=max_iter,
+            skip_nonfinite=skip_nonfinite, return_stats=return_stats,
+        )
     if reduction == "none":
-        return per_row.reshape(shape[:-1])
-    total = per_row.sum()
-    if reduction == "sum":
-        return total
-    return total / max(n_valid, 1)
+        loss = per_row.reshape(shape[:-1])
+    elif reduction == "sum":
+        loss = per_row.sum()
+    elif target.is_floating_point():
+        loss = per_row.sum() / max(x.shape[0], 1)
+    else:
+        loss = per_row.sum() / (t != ignore_index).sum().clamp(min=1)  # no host synchronisation
+    return (loss, stats) if return_stats else loss
+
+
+def _triton_loss(x, t, q, div, ignore_index, label_smoothing, max_iter, skip_nonfinite, return_stats):
+    """The Triton kernels' result (per-row losses, stats) where they cover the case, else None."""
+    if solver_backend(x) != "triton":
+        return None
+    if t.is_floating_point() or label_smoothing or skip_nonfinite or return_stats or isinstance(q, Tensor):
+        return None
+    from .solver.triton_kernels import TritonFYLossFunction, supports
+
+    if not supports(div, q):
+        return None
+    return TritonFYLossFunction.apply(x, t, q, div, int(ignore_index), max_iter), None
 
 
 class FDivLoss(nn.Module):
-    """``nn.Module`` wrapper of :func:`fdiv_loss` (same arguments, fixed at construction)."""
+    """``nn.Module`` form of :func:`fdiv_loss` (same arguments, fixed at construction)."""
 
     def __init__(
         self,
         divergence: DivergenceSpec = "alpha:1.5",
         reference: ReferenceSpec = "unit",
-        ignore_index: int = -100,
+        ignore_index: int = IGNORE_INDEX,
         reduction: str = "mean",
         label_smoothing: float = 0.0,
         max_iter: Optional[int] = None,
+        skip_nonfinite: bool = False,
     ):
         super().__init__()
         self.divergence = get_divergence(divergence)
@@ -348,13 +436,15 @@ class FDivLoss(nn.Module):
             self.reference = reference
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}.")
+        if not (0.0 <= float(label_smoothing) < 1.0):
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}.")
         self.ignore_index, self.reduction = ignore_index, reduction
-        self.label_smoothing, self.max_iter = label_smoothing, max_iter
+        self.label_smoothing, self.max_iter, self.skip_nonfinite = label_smoothing, max_iter, skip_nonfinite
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         return fdiv_loss(
             logits, target, self.divergence, self.reference, self.ignore_index, self.reduction,
-            self.label_smoothing, self.max_iter,
+            self.label_smoothing, self.max_iter, self.skip_nonfinite,
         )
 
     def extra_repr(self) -> str:
@@ -366,7 +456,7 @@ def causal_lm_fdiv_loss(
     logits: Tensor,
     labels: Optional[Tensor] = None,
     num_items_in_batch: Optional[Union[int, Tensor]] = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     shift_labels: Optional[Tensor] = None,
     divergence: DivergenceSpec = "alpha:1.5",
     reference: ReferenceSpec = "unit",
@@ -389,8 +479,7 @@ def causal_lm_fdiv_loss(
         logits, shift_labels, divergence, reference, ignore_index=ignore_index, reduction="sum", **loss_kwargs
     )
     if num_items_in_batch is None:
-        count = int((shift_labels != ignore_index).sum())
-        return loss_sum / max(count, 1)
+        return loss_sum / (shift_labels != ignore_index).sum().clamp(min=1)
     if isinstance(num_items_in_batch, Tensor):
         num_items_in_batch = num_items_in_batch.to(loss_sum.device)
     return loss_sum / num_items_in_batch

@@ -100,10 +100,10 @@ def test_fused_skip_equals_ignoring_those_rows():
         bad = ~torch.isfinite((h @ W.T).amax(-1))
     assert 0 < int(bad.sum()) < N
     a = [x.clone().requires_grad_() for x in (h, W)]
-    stats = {}
-    loss = fused_linear_fdiv_loss(a[0], a[1], t, "alpha:1.5", skip_nonfinite=True, stats=stats)
+    loss, stats = fused_linear_fdiv_loss(a[0], a[1], t, "alpha:1.5", skip_nonfinite=True, return_stats=True)
     loss.backward()
-    assert int(stats["nonfinite"]) == int(bad.sum())
+    assert torch.equal(stats.skipped, bad)
+    assert torch.equal(stats.solved, ~bad)
     b = [x.clone().requires_grad_() for x in (h, W)]
     want = fused_linear_fdiv_loss(b[0], b[1], t.masked_fill(bad, -100), "alpha:1.5")
     want.backward()
@@ -258,13 +258,13 @@ def test_bf16_autocast_run_trains_with_fp32_solve(tok, tmp_path, monkeypatch):
     import hf_fdiv.fused as fused_mod
 
     seen = []
-    original = fused_mod.solve_row_chunks
+    original = fused_mod.solve_rows
 
     def spy(z, *args, **kwargs):
         seen.append(z.dtype)
         return original(z, *args, **kwargs)
 
-    monkeypatch.setattr(fused_mod, "solve_row_chunks", spy)
+    monkeypatch.setattr(fused_mod, "solve_rows", spy)
     tr = sft(tok, tmp_path, bf16=True, max_steps=6, learning_rate=3e-3, per_device_train_batch_size=8)
     tr.train()
     losses = [h["loss"] for h in tr.state.log_history if "loss" in h]
@@ -300,9 +300,8 @@ def test_tokens_times_vocab_beyond_2_pow_31_fused():
     h = torch.randn(N, H, generator=g) * 2
     W = torch.randn(V, H, generator=g)
     t = torch.randint(0, V, (N,), generator=g)
-    stats = {}
-    total = fused_linear_fdiv_loss(h, W, t, "alpha:1.5", stats=stats)
-    assert int(stats["count"]) == N
+    total, stats = fused_linear_fdiv_loss(h, W, t, "alpha:1.5", return_stats=True)
+    assert int(stats.solved.sum()) == N
     picks = torch.tensor([0, 1, 4095, 8190, 8191])
     rows = fdiv_loss(h[picks] @ W.T, t[picks], "alpha:1.5", reduction="none")
     mask = torch.zeros(N, dtype=torch.long) - 100

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..solver import RowProvider
-from .mixin import IGNORE_INDEX, LossSpec
+from .mixin import IGNORE_INDEX, LossInputs
 from .sft_trainer import FDivSFTConfig, FDivSFTTrainer
 from .teacher import TOPK_IDS, TOPK_LOGPROBS, TeacherLogProbs, TopKLogProbs, common_vocab, load_teacher
 from .teacher import pad_topk, vocab_rows
@@ -160,7 +160,7 @@ class FDivDistillationTrainer(FDivSFTTrainer):
     def fdiv_num_classes(self, vocab_rows: int) -> int:
         return self.num_classes
 
-    def fdiv_loss_spec(self, targets: Tensor, inputs: dict, num_classes: int) -> LossSpec:
+    def fdiv_loss_spec(self, targets: Tensor, inputs: dict, num_classes: int) -> LossInputs:
         args = self.args
         V = num_classes
         t = targets.reshape(-1)
@@ -178,7 +178,7 @@ class FDivDistillationTrainer(FDivSFTTrainer):
                     y.mul_(1 - lam).scatter_add_(1, t[r][:, None], torch.full_like(y[:, :1], lam))
                 return y
 
-            return LossSpec(RowProvider(target_rows), self._fdiv_reference_for(t.device), rows, t)
+            return LossInputs(RowProvider(target_rows), self._fdiv_reference_for(t.device), rows, t)
         floor, mix = args.reference_floor, args.reference_mix
 
         def reference_rows(r):
@@ -187,7 +187,7 @@ class FDivDistillationTrainer(FDivSFTTrainer):
                 q.mul_(1 - mix).add_(mix / V)
             return q.clamp_(min=floor) if floor > 0 else q
 
-        return LossSpec(t, RowProvider(reference_rows), rows, None)
+        return LossInputs(t, RowProvider(reference_rows), rows, None)
 
     # ------------------------------------------------------------------ on-policy
     def get_batch_samples(self, epoch_iterator, num_batches, device):

@@ -8,7 +8,6 @@ the gradient-accumulation contract of ``num_items_in_batch``), the metrics, and 
 
 from __future__ import annotations
 
-import inspect
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -18,36 +17,27 @@ import torch
 from torch import Tensor
 
 from ..divergences import FDivergence, get_divergence
-from ..fused import LogitTransform, fused_linear_fdiv_loss
-from ..losses import FDivLossFunction, _check_targets
-from ..solver import NonFiniteLogitsError, RowProvider, _as_rows, _q_for_rows, prepare_reference
+from ..losses import IGNORE_INDEX
+from ..solver import NonFiniteLogitsError
 from . import model_card
+from .loss_path import METRIC_KEYS, LossInputs, LossSettings, fdiv_token_loss, fused_head
 
-IGNORE_INDEX = -100
+__all__ = ["FDivLossArguments", "FDivTrainerMixin", "LossInputs", "IGNORE_INDEX"]
 
-
-@dataclass
-class LossSpec:
-    """The loss inputs on the flattened token grid: ``target`` (ids with -100, or a RowProvider of
-    target distributions), ``reference`` (spec, tensor or RowProvider), ``rows`` (rows to fit; None:
-    the non-ignored ids) and ``stat_ids`` (ids for the accuracy metric when the target is soft)."""
-
-    target: Any
-    reference: Any
-    rows: Optional[Tensor] = None
-    stat_ids: Optional[Tensor] = None
+_NAMED_REFERENCES = ("unit", "uniform")
 
 
-def _is_plain_linear(module) -> bool:
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-        from peft.utils.other import ModulesToSaveWrapper
-
-        if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
-            return False
-    except ImportError:  # pragma: no cover
-        pass
-    return isinstance(getattr(module, "weight", None), Tensor)
+def _is_reference_file(reference) -> bool:
+    """True for a reference given as a file path (anything but 'unit' / 'uniform'); raises when the
+    file does not exist."""
+    if not isinstance(reference, str) or reference.strip().lower() in _NAMED_REFERENCES:
+        return False
+    if not os.path.isfile(reference):
+        raise ValueError(
+            f"reference={reference!r} is neither 'unit', 'uniform' nor an existing file: pass one of those or the "
+            "path of a torch.save'd [V] tensor."
+        )
+    return True
 
 
 @dataclass
@@ -85,22 +75,13 @@ class FDivLossArguments:
 
     def _validate_fdiv(self) -> None:
         get_divergence(self.divergence)  # raises ValueError with the known names
-        if isinstance(self.reference, str) and self.reference.strip().lower() not in ("unit", "uniform"):
-            if not os.path.isfile(self.reference):
-                raise ValueError(
-                    f"reference={self.reference!r} is neither 'unit', 'uniform' nor an existing file: pass one of "
-                    "those or the path of a torch.save'd [V] tensor."
-                )
+        _is_reference_file(self.reference)
         if self.fdiv_max_iter is not None and self.fdiv_max_iter < 1:
             raise ValueError(f"fdiv_max_iter must be >= 1, got {self.fdiv_max_iter}.")
 
 
 def _resolve_reference(reference: Union[str, float, Tensor]) -> Union[str, float, Tensor]:
-    if isinstance(reference, str) and reference.strip().lower() not in ("unit", "uniform"):
-        if not os.path.isfile(reference):
-            raise ValueError(
-                f"reference={reference!r} is neither 'unit', 'uniform' nor an existing file of a [V] tensor."
-            )
+    if _is_reference_file(reference):
         q = torch.load(reference, map_location="cpu", weights_only=True)
         if not isinstance(q, Tensor):
             raise ValueError(f"{reference} does not contain a tensor (got {type(q).__name__}).")
@@ -195,92 +176,30 @@ class FDivTrainerMixin:
         """Classes the loss is over (distillation: the part shared with the teacher)."""
         return vocab_rows
 
-    def fdiv_loss_spec(self, targets: Tensor, inputs: dict, num_classes: int) -> LossSpec:
+    def fdiv_loss_spec(self, targets: Tensor, inputs: dict, num_classes: int) -> LossInputs:
         """What to fit on the flattened token grid: the specialisation point of the trainers.
 
         Default: class ids with -100 ignored and the configured reference."""
-        return LossSpec(target=targets.reshape(-1), reference=self._fdiv_reference_for(targets.device))
-
-    def _fdiv_loss_from_logits(self, logits: Tensor, targets: Tensor, stats: dict, inputs: dict) -> Tensor:
-        V = self.fdiv_num_classes(logits.shape[-1])
-        x, shape = _as_rows(logits[..., :V] if logits.shape[-1] != V else logits, -1)
-        spec = self.fdiv_loss_spec(targets.to(x.device), inputs, V)
-        if isinstance(spec.reference, RowProvider):
-            q = spec.reference
-        else:
-            q = _q_for_rows(prepare_reference(spec.reference, x.view(*shape)), shape)
-        if spec.rows is None:
-            _check_targets(spec.target, x, IGNORE_INDEX)
-        per_row = FDivLossFunction.apply(
-            x, spec.target, q, self.fdiv_divergence, IGNORE_INDEX, 0.0, self.fdiv_max_iter, stats, spec.rows,
-            spec.stat_ids, self.fdiv_skip_nonfinite,
-        )
-        return per_row.sum()
+        return LossInputs(target=targets.reshape(-1), reference=self._fdiv_reference_for(targets.device))
 
     def _fdiv_fused_parts(self, model):
         """(backbone, head, config) when the loss can be fused with the LM head, else None."""
         if not getattr(self, "fdiv_fused", False):
             return None
-        unwrapped = self.accelerator.unwrap_model(model)
-        base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
-        head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-        backbone = getattr(base, "base_model", None)
-        if head is None or backbone is None or backbone is base or not isinstance(head, torch.nn.Module):
-            return None
-        if not _is_plain_linear(head):
-            raise ValueError(
-                "the fused f-divergence loss reads the LM head weight directly, but the lm_head is adapted (LoRA / "
-                "modules_to_save): leave lm_head out of the PEFT target modules, or set fdiv_fused=False to use the "
-                "materialised logits."
-            )
-        if "logits_to_keep" not in inspect.signature(base.forward).parameters:
-            return None
-        return backbone, head, base.config
-
-    def _fdiv_loss_fused(self, model, model_inputs, targets, stats, inputs, parts):
-        backbone, head, config = parts
-        captured = {}
-
-        def grab(module, args, output):
-            captured["h"] = output[0] if isinstance(output, tuple) else getattr(output, "last_hidden_state", output)
-
-        handle = backbone.register_forward_hook(grab)
-        try:
-            # Through the (possibly DDP-wrapped) model, computing the logits of one position only.
-            outputs = model(**model_inputs, logits_to_keep=1)
-        finally:
-            handle.remove()
-        hidden = captured["h"]
-        V = self.fdiv_num_classes(head.weight.shape[0])
-        spec = self.fdiv_loss_spec(targets.to(hidden.device), inputs, V)
-        reference = spec.reference
-        if isinstance(reference, Tensor) and reference.dim() > 1:  # per-position q: serve it by rows
-            q_rows = reference.expand(*targets.shape, V).reshape(-1, V)
-            reference = RowProvider(lambda r: q_rows[r])
-        weight = head.weight[:V] if head.weight.shape[0] != V else head.weight
-        bias = getattr(head, "bias", None)
-        bias = bias[:V] if bias is not None and bias.shape[0] != V else bias
-        loss_sum = fused_linear_fdiv_loss(
-            hidden.reshape(-1, hidden.shape[-1]), weight, spec.target, self.fdiv_divergence, reference, bias=bias,
-            transform=LogitTransform.from_config(config), max_iter=self.fdiv_max_iter, stats=stats, rows=spec.rows,
-            stat_ids=spec.stat_ids, skip_nonfinite=self.fdiv_skip_nonfinite,
-        )
-        return outputs, loss_sum
+        return fused_head(self.accelerator.unwrap_model(model))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         targets = self._fdiv_targets(inputs)
         model_inputs = {k: v for k, v in inputs.items() if k not in self._fdiv_batch_keys}
         model_inputs["use_cache"] = False
-        stats: dict = {}
         parts = None if return_outputs else self._fdiv_fused_parts(model)  # logits wanted: materialise them
+        settings = LossSettings(self.fdiv_divergence, self.fdiv_max_iter, self.fdiv_skip_nonfinite)
         try:
-            if parts is not None:
-                outputs, loss_sum = self._fdiv_loss_fused(model, model_inputs, targets, stats, inputs, parts)
-            else:
-                outputs = model(**model_inputs)
-                logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-                loss_sum = self._fdiv_loss_from_logits(logits, targets, stats, inputs)
+            outputs, loss_sum, sums = fdiv_token_loss(
+                model, model_inputs, targets, lambda t, V: self.fdiv_loss_spec(t, inputs, V), self.fdiv_num_classes,
+                settings, parts,
+            )
         except NonFiniteLogitsError as err:
             where = self._fdiv_where(mode)
             raise NonFiniteLogitsError(
@@ -292,7 +211,7 @@ class FDivTrainerMixin:
         except ValueError as err:  # bad labels or references: say where training stopped
             raise ValueError(f"{self._fdiv_where(mode)}: {err}") from err
         loss = self._normalise(loss_sum, targets, num_items_in_batch)
-        self._record_fdiv_metrics(mode, stats, inputs)
+        self._record_fdiv_metrics(mode, sums, inputs)
         return (loss, outputs) if return_outputs else loss
 
     def _fdiv_where(self, mode: str) -> str:
@@ -311,11 +230,9 @@ class FDivTrainerMixin:
         return loss
 
     # ------------------------------------------------------------------ metrics
-    def _record_fdiv_metrics(self, mode: str, stats: dict, inputs: dict) -> None:
-        keys = ("support", "entropy", "correct", "count", "nonfinite")
-        device = self.accelerator.device
-        local = torch.stack([torch.as_tensor(stats.get(k, 0.0), dtype=torch.float64).reshape(()).to(device) for k in keys])
-        total = self.accelerator.gather_for_metrics(local[None]).reshape(-1, len(keys)).sum(0).tolist()
+    def _record_fdiv_metrics(self, mode: str, sums: Tensor, inputs: dict) -> None:
+        local = sums.to(self.accelerator.device)
+        total = self.accelerator.gather_for_metrics(local[None]).reshape(-1, len(METRIC_KEYS)).sum(0).tolist()
         support, entropy, correct, count, nonfinite = total
         metrics = self._metrics[mode]
         if self.fdiv_skip_nonfinite:

@@ -15,6 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..fused import LogitTransform
+from ..solver import work_chunk_rows
+
 TOPK_IDS = "teacher_topk_ids"
 TOPK_LOGPROBS = "teacher_topk_logprobs"
 
@@ -57,24 +60,6 @@ def common_vocab(student_rows: int, teacher_rows: int, tokenizer_len: Optional[i
     )
 
 
-def _head_transform(config):
-    """Logit scaling / soft-capping as the architectures apply them after the LM head."""
-    softcap = getattr(config, "final_logit_softcapping", None)
-    scale = getattr(config, "logit_scale", None)
-    divide = getattr(config, "logits_scaling", None)
-
-    def apply(z: Tensor) -> Tensor:
-        if scale is not None and not isinstance(scale, bool):
-            z = z * float(scale)
-        if divide is not None and not isinstance(divide, bool) and float(divide) != 1.0:
-            z = z / float(divide)
-        if softcap:
-            z = torch.tanh(z / softcap) * softcap
-        return z
-
-    return apply
-
-
 class TeacherLogProbs:
     """Teacher log-probabilities at temperature T for rows of the flattened [B*T] token grid.
 
@@ -101,7 +86,7 @@ class TeacherLogProbs:
             else:
                 out = teacher(**inputs, use_cache=False)
                 self.logits = out.logits.reshape(-1, out.logits.shape[-1])[:, :num_classes]
-        self.transform = _head_transform(teacher.config)
+        self.transform = LogitTransform.from_config(teacher.config)
 
     def __call__(self, rows) -> Tensor:
         if torch.is_tensor(rows):
@@ -110,8 +95,7 @@ class TeacherLogProbs:
             if self.logits is not None:
                 z = self.logits[rows].float()
             else:
-                z = F.linear(self.hidden[rows].float(), self.weight, self.bias)
-                z = self.transform(z)
+                z = self.transform.apply(F.linear(self.hidden[rows].float(), self.weight, self.bias))
             out = torch.log_softmax(z / self.temperature, dim=-1)
         return out if self.out_device is None else out.to(self.out_device)
 
@@ -183,7 +167,7 @@ def add_teacher_topk(
         lp = TeacherLogProbs(teacher, {"input_ids": ids.to(device), "attention_mask": mask.to(device)}, V, 1.0)
         rows = torch.arange(ids.numel(), device=device)
         out_ids, out_lp = [], []
-        step = max(1, (1 << 21) // V)
+        step = work_chunk_rows(rows, V)
         for a in range(0, rows.numel(), step):
             vals, idx = lp(rows[a : a + step]).topk(k, dim=-1)
             out_ids.append(idx.cpu())

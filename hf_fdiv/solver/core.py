@@ -1,0 +1,332 @@
+"""What every solver backend shares: the row solution, the root-search policy and step, KL's closed
+form, the f-softmax value and the Jacobian-vector product.
+
+For a row z (logits shifted by their max) and a reference q, p_j = q_j (f*)'(z_j - tau) with
+(f*)'(v) = (f')^{-1}(max(v, f'(0))), and tau is the root of phi(tau) = sum_j p_j(tau) - 1
+(``docs/math.md``; paper, section 3). The root search is a safeguarded Newton method started at the
+lower bracket end tau_lo = max_j(z_j - f'(1/q_j)) (phi >= 0 there), run on a transform of the
+normalisation equation under which it is monotone (``docs/solver.md``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from ..divergences import (
+    KL,
+    AlphaDivergence,
+    ChiSquare,
+    FDivergence,
+    JensenShannon,
+    ReverseKL,
+    SquaredHellinger,
+)
+from .reference import reference_total
+
+__all__ = [
+    "RowSolution",
+    "NonFiniteLogitsError",
+    "NewtonPolicy",
+    "newton_policy",
+    "compute_dtype",
+    "solve_dtype",
+    "as_rows",
+    "bracket",
+    "newton_solve",
+    "solve_kl",
+    "sum_q_bregman",
+    "f_softmax_shifted",
+    "softargmax_vjp",
+    "row_statistics",
+    "DEFAULT_MAX_ITER",
+    "NON_MONOTONE_MAX_ITER",
+]
+
+#: cap on Newton passes (Newton needs 1-9 in fp32); NON_MONOTONE_MAX_ITER for generators whose
+#: Newton steps need the bisection safeguard (alpha > 2, user-defined f).
+DEFAULT_MAX_ITER = 60
+NON_MONOTONE_MAX_ITER = 200
+
+
+class NonFiniteLogitsError(ValueError):
+    """Rows of logits with a NaN or +inf entry, or no finite entry at all; ``rows`` counts them."""
+
+    def __init__(self, message: str, rows: int):
+        super().__init__(message)
+        self.rows = rows
+
+
+def nonfinite_error(k: int) -> NonFiniteLogitsError:
+    return NonFiniteLogitsError(
+        f"{k} row(s) of logits have no finite maximum (a NaN or +inf entry, or every class at -inf / "
+        "excluded by a zero reference). f-softargmax needs at least one finite logit per row and no "
+        "NaN/+inf; mask classes with -inf, not NaN.",
+        k,
+    )
+
+
+@dataclass(frozen=True)
+class NewtonPolicy:
+    """How the solver searches tau for a generator (solver policy, not the generator's math).
+
+    ``transform`` r: Newton runs on (sum p)^r = 1 (r > 0) or log sum p = 0 (r = 0);
+    ``monotone``: the transformed equation is convex in tau, so Newton from tau_lo never overshoots;
+    ``fp64``: solve in fp64 even for fp32 inputs (alpha > 2: (f*)'' is infinite where a class enters
+    the support, so one fp32 ulp of tau moves such a p_j by ~sqrt(ulp))."""
+
+    transform: float
+    monotone: bool
+    fp64: bool = False
+
+    @property
+    def max_iter(self) -> int:
+        return DEFAULT_MAX_ITER if self.monotone else NON_MONOTONE_MAX_ITER
+
+
+def newton_policy(div: FDivergence) -> NewtonPolicy:
+    """The policy table: built-in generators by type; user-defined ones get the safeguarded default."""
+    if isinstance(div, AlphaDivergence):
+        a = div.alpha
+        # (sum p)^(a-1) is convex in tau for 1 < a <= 2; log sum p is convex for a < 1
+        return NewtonPolicy(a - 1.0 if a > 1 else 0.0, monotone=a <= 2, fp64=a > 2)
+    if isinstance(div, ChiSquare):
+        return NewtonPolicy(1.0, monotone=True)
+    if isinstance(div, (KL, ReverseKL, SquaredHellinger, JensenShannon)):  # log-convex (f*)'
+        return NewtonPolicy(0.0, monotone=True)
+    return NewtonPolicy(1.0 if div.sparse else 0.0, monotone=False)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp64 for fp64 inputs, else fp32 (bf16/fp16 logits are solved in fp32)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def solve_dtype(div: FDivergence, dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if newton_policy(div).fp64 else compute_dtype(dtype)
+
+
+def as_rows(logits: Tensor, dim: int = -1) -> tuple[Tensor, tuple[int, ...]]:
+    """Logits as [N, V] rows (class axis ``dim`` moved last) and the moved shape, after checks."""
+    if not isinstance(logits, Tensor) or not logits.is_floating_point():
+        raise ValueError("logits must be a floating-point tensor.")
+    if logits.dim() == 0:
+        raise ValueError("logits must have at least one dimension (the classes).")
+    moved = logits.movedim(dim, -1)
+    shape = tuple(moved.shape)
+    if shape[-1] == 0:
+        raise ValueError("logits have zero classes along the class dimension.")
+    return moved.reshape(-1, shape[-1]), shape
+
+
+@dataclass
+class RowSolution:
+    """The solution for n rows, in max-shifted coordinates z = theta - max(theta).
+
+    ``index`` is None for a dense solution (``p``, ``z`` are [n, V]); otherwise p, z and ``q_cols``
+    are [n, K] values at the columns ``index`` [n, K] and every other column has p = 0 exactly.
+    ``q_rows`` is the reference of the rows (float, [1, V] or [n, V]); ``q_cols`` is q at the columns
+    of p. Tensors may live in a workspace that the next chunk reuses: consume a solution before
+    advancing the iterator.
+
+    ``skipped`` flags rows with non-finite logits solved as zeros (skip mode); ``uncertain`` flags
+    rows whose solution is not certified exact (sync-free backend only): a later solution for the
+    same rows replaces them, so consumers must write per-row results, not accumulate them.
+    """
+
+    rows: Union[slice, Tensor]  # rows of the flattened [N, V] input
+    x_rows: Tensor  # [n, V] raw logits (input dtype; excluded classes at -inf)
+    row_max: Tensor  # [n], compute dtype
+    q_rows: Union[float, Tensor]
+    tau: Tensor  # [n], in shifted coordinates
+    p: Tensor
+    z: Optional[Tensor]  # None when dense and not materialised (KL written straight to ``out``)
+    q_cols: Union[float, Tensor]
+    index: Optional[Tensor]
+    skipped: Optional[Tensor] = None
+    uncertain: Optional[Tensor] = None
+
+    def z_at(self, cols: Tensor) -> Tensor:
+        """Shifted logits at one column per row (``cols`` [n]), compute dtype."""
+        return self.x_rows.gather(1, cols[:, None]).squeeze(1).to(self.row_max.dtype) - self.row_max
+
+    def z_dense(self) -> Tensor:
+        if self.index is None and self.z is not None:
+            return self.z
+        return self.x_rows.to(self.row_max.dtype) - self.row_max[:, None]
+
+    def dense_p(self) -> Tensor:
+        if self.index is None:
+            return self.p
+        out = torch.zeros(self.x_rows.shape, dtype=self.p.dtype, device=self.p.device)
+        return out.scatter_(1, self.index, self.p)
+
+    def write_dense(self, out: Tensor) -> None:
+        """Write p into ``out`` ([n, V], any float dtype)."""
+        if self.index is None:
+            if out.data_ptr() != self.p.data_ptr():
+                out.copy_(self.p)
+        else:
+            out.zero_()
+            out.scatter_(1, self.index, self.p.to(out.dtype))
+
+    def p_at(self, c: Tensor) -> Tensor:
+        """p_c per row (``c`` [n]), compute dtype."""
+        if self.index is None:
+            return self.p.gather(1, c[:, None]).squeeze(1)
+        return (self.p * (self.index == c[:, None])).sum(1)
+
+
+def bracket(z: Tensor, q: Union[float, Tensor], div: FDivergence) -> tuple[Tensor, Tensor]:
+    """[tau_lo, tau_hi] with phi(tau_lo) >= 0 >= phi(tau_hi) (``docs/math.md``, "Bracket").
+
+    ``z`` is max-shifted (its row max is 0)."""
+    n, V = z.shape
+    if isinstance(q, Tensor):
+        qf = q.expand_as(z) if q.shape[0] == 1 and n > 1 else q
+        lo = (z - div.f_prime(1.0 / qf)).amax(1)  # max_j (z_j - f'(1/q_j)); excluded z = -inf
+        hi = -div.f_prime(1.0 / qf.sum(1))
+    else:
+        lo = torch.full((n,), -div.f_prime_scalar(1.0 / q), dtype=z.dtype, device=z.device)
+        hi = torch.full((n,), -div.f_prime_scalar(1.0 / (q * V)), dtype=z.dtype, device=z.device)
+    return lo, torch.maximum(hi, lo)
+
+
+def newton_solve(
+    z: Tensor,
+    q: Union[float, Tensor],
+    div: FDivergence,
+    lo: Tensor,
+    hi: Tensor,
+    max_iter: Optional[int],
+    *,
+    early_exit: bool,
+    out: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Safeguarded Newton from tau_lo on the transformed normalisation equation.
+
+    ``early_exit`` stops once every row has converged (one host synchronisation per pass: the CPU
+    path); otherwise exactly ``max_iter`` passes run (no synchronisation). Returns tau [n],
+    p [n, m] normalised at that tau (written into ``out`` when given and of the compute dtype) and
+    ``converged`` [n] (tau a fixed point to a few ulps, or a collapsed bracket)."""
+    policy = newton_policy(div)
+    r, monotone = policy.transform, policy.monotone
+    eps = torch.finfo(z.dtype).eps
+    prepared = div.newton_prepare(z)
+    tau, lo, hi = lo.clone(), lo.clone(), hi.clone()
+    prev_step = torch.full_like(tau, math.inf)
+    converged = torch.zeros_like(tau, dtype=torch.bool)
+    if max_iter is None:
+        max_iter = policy.max_iter
+    g = None
+    for it in range(max_iter):
+        S, Sd, g = div.newton_sums(prepared, tau[:, None], q)
+        lo = torch.where(S >= 1, tau, lo)
+        hi = torch.where(S <= 1, tau, hi)
+        logS = torch.log(S)
+        if r == 0.0:
+            step = S * logS / Sd
+        else:
+            step = S * (-torch.expm1(-r * logS)) / (r * Sd)
+        new = tau + step
+        # Safeguard: a Newton step must land strictly inside the bracket, else bisect (NaN steps
+        # fail too). When Newton is not provably monotone, a step must also halve the previous one
+        # and every third pass is a bisection, so the bracket keeps shrinking.
+        ok = (new > lo) & (new < hi)
+        if monotone:
+            ok |= new == tau
+        else:
+            ok &= (step.abs() <= 0.5 * prev_step) & (it % 3 != 2)
+        new = torch.where(ok, new, 0.5 * (lo + hi))
+        new = torch.where(S == 1, tau, new)
+        moved = new - tau
+        if monotone:
+            # Converged when no row moves by more than a few ulps: g at tau is p up to rounding.
+            converged = moved.abs() <= 4 * eps * (1 + tau.abs())
+        else:
+            # Steps can be tiny far from the root here: require a collapsed bracket.
+            converged = (S == 1) | ((hi - lo) <= 4 * eps * (1 + tau.abs()))
+        if early_exit and bool(converged.all()):
+            tau = new
+            break
+        prev_step = moved.abs()
+        tau = new
+        g = None
+    if g is None:
+        g = div.newton_eval_grad(prepared, tau[:, None])
+    if isinstance(q, Tensor):
+        g = g * q
+    total = g.sum(1, keepdim=True)
+    if out is not None and out.dtype == g.dtype:
+        return tau, torch.div(g, total, out=out), converged
+    return tau, g.div_(total), converged
+
+
+def solve_kl(z: Tensor, q: Union[float, Tensor], out: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """KL closed form: p = softmax(z + log q), tau = logsumexp(z + log q). ``z`` is overwritten."""
+    if isinstance(q, Tensor):
+        z.add_(torch.log(q))
+        zmax = z.amax(1, keepdim=True)
+        z.sub_(zmax)
+    else:
+        zmax = None
+    p = out if out is not None else z
+    torch.exp(z, out=p)
+    s = p.sum(1, keepdim=True)
+    p.div_(s)
+    tau = torch.log(s.squeeze(1))
+    if zmax is not None:
+        tau = tau + zmax.squeeze(1)
+    elif q != 1.0:
+        tau = tau + math.log(q)
+    return tau, p
+
+
+def sum_q_bregman(p: Tensor, q: Union[float, Tensor], div: FDivergence) -> Tensor:
+    """sum_j q_j c(p_j / q_j) per row, c = :meth:`FDivergence.bregman_to_zero`; classes with q_j = 0
+    contribute 0, classes with p_j = 0 contribute c(0) (0, or -inf when f(0) = +inf)."""
+    if div.bregman_zero_safe and not isinstance(q, Tensor):
+        return div.bregman_to_zero(p if q == 1.0 else p / q).sum(1) * q
+    pos = p > 0
+    if isinstance(q, Tensor):
+        qf = q.expand_as(p)
+        u = torch.where(pos, p / qf, torch.ones_like(p))
+        c = qf * div.bregman_to_zero(u)
+        empty = torch.where(qf > 0, -math.inf, 0.0) if math.isinf(div.f_zero) else 0.0
+    else:
+        u = torch.where(pos, p if q == 1.0 else p / q, torch.ones_like(p))
+        c = div.bregman_to_zero(u) * q
+        empty = -math.inf if math.isinf(div.f_zero) else 0.0
+    return torch.where(pos, c, empty).sum(1)
+
+
+def f_softmax_shifted(sol: RowSolution, div: FDivergence) -> Tensor:
+    """f-softmax(z; q) = tau + sum_j q_j f*(z_j - tau) = tau + sum_j q_j c(u_j) - f(0) sum_j q_j."""
+    n, V = sol.x_rows.shape
+    q_total = reference_total(sol.q_rows, n, V, sol.tau)
+    if isinstance(div, KL):
+        return sol.tau + 1 - q_total
+    value = sol.tau + sum_q_bregman(sol.p, sol.q_cols, div)
+    if not math.isinf(div.f_zero):
+        value = value - div.f_zero * q_total
+    return value
+
+
+def softargmax_vjp(div: FDivergence, p: Tensor, q: Union[float, Tensor], g: Tensor) -> Tensor:
+    """J^T g = s * (g - <s, g> / <s, 1>) for J = diag(s) - s s^T / sum(s), s = q (f*)''(z - tau)."""
+    s = div.jacobian_weight(p, q)
+    ssum = s.sum(1, keepdim=True)
+    sg = torch.linalg.vecdot(s, g)[:, None]
+    return s * (g - sg / ssum)  # not in place: s may alias p (KL)
+
+
+def row_statistics(sol: RowSolution) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row (support size, Shannon entropy of p (0 log 0 = 0), argmax class) for the metrics."""
+    p = sol.p
+    top = p.argmax(1)
+    pred = top if sol.index is None else sol.index.gather(1, top[:, None]).squeeze(1)
+    return (p > 0).sum(1), -torch.xlogy(p, p).sum(1), pred
