@@ -25,10 +25,14 @@ import tempfile
 import time
 from dataclasses import dataclass, field, fields
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+#: set by :func:`main` (unless already set) before it imports transformers / datasets / huggingface_hub,
+#: which read them at import: the demo runs offline. Importing this module changes nothing.
+OFFLINE_ENVIRONMENT = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+}
 
 
 @dataclass
@@ -164,6 +168,8 @@ def plot_curves(histories: dict, path: str) -> bool:
 
 
 def main(argv=None) -> dict:
+    for name, value in OFFLINE_ENVIRONMENT.items():  # first: the Hugging Face libraries read them at import
+        os.environ.setdefault(name, value)
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(DemoArguments)

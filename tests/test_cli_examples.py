@@ -84,7 +84,7 @@ def test_examples_tiny_mode(tiny, tmp_path, script, extra):
         assert "adapter saved" in out
 
 
-def test_demo_helpers_offline(monkeypatch):
+def test_demo_helpers_offline(monkeypatch, tmp_path):
     # The demo's pieces that need no SmolLM2: options (environment defaults, flags win) and the PNG plot.
     from transformers import HfArgumentParser
 
@@ -97,11 +97,44 @@ def test_demo_helpers_offline(monkeypatch):
     (args,) = parser.parse_args_into_dataclasses(args=["--steps", "3"])
     assert args.steps == 3 and args.output_dir == "elsewhere"
     hist = [{"step": s, "loss": 1.0 / s, "support_size": 10.0 + s} for s in range(1, 6)]
-    path = os.path.join(ROOT, "build", "test_plot.png")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    if plot_curves({"alpha:1.5": hist, "kl": hist}, path):
-        with open(path, "rb") as fh:
-            assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    path = tmp_path / "curves.png"
+    assert plot_curves({"alpha:1.5": hist, "kl": hist}, str(path)) is True  # matplotlib is pinned in CI
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+DEMO_ENV_PROBE = """
+import json, os, sys
+before = dict(os.environ)
+import hf_fdiv.demo
+after_import = dict(os.environ)
+try:
+    hf_fdiv.demo.main(["--help"])  # parses its arguments and exits: the offline defaults are set by then
+except SystemExit:
+    pass
+after_main = dict(os.environ)
+changed = lambda a, b: sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+print(json.dumps({"import": changed(before, after_import), "main": changed(after_import, after_main),
+                  "values": {k: after_main.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}}))
+"""
+
+
+def test_demo_import_leaves_environment_alone():
+    # a clean environment (the suite's conftest sets HF_HUB_OFFLINE and friends for this process), so that
+    # a module that sets them at import is caught; main() sets them, and keeps a value the user gave
+    import json
+
+    clean = {k: os.environ[k] for k in ("PATH", "HOME", "TMPDIR", "LANG") if k in os.environ}
+    for extra, expect_main in (({}, ["HF_DATASETS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY", "HF_HUB_OFFLINE",
+                                     "TRANSFORMERS_OFFLINE"]),
+                               ({"HF_HUB_OFFLINE": "0"}, ["HF_DATASETS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY",
+                                                          "TRANSFORMERS_OFFLINE"])):
+        proc = subprocess.run([PY, "-c", DEMO_ENV_PROBE], cwd=ROOT, env={**clean, **extra}, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        report = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert report["import"] == [], f"import hf_fdiv.demo changed {report['import']}"
+        assert report["main"] == expect_main
+        assert report["values"]["HF_HUB_OFFLINE"] == extra.get("HF_HUB_OFFLINE", "1")
 
 
 def test_cli_under_accelerate_launch_two_processes(tiny, tmp_path):
