@@ -47,6 +47,8 @@ __all__ = [
 ]
 
 _LOG2 = math.log(2.0)
+#: f'(u) of Python floats by (generator, u): equal generators (same type and parameters) share entries
+_F_PRIME_SCALARS: dict = {}
 
 
 def _below_pole(v: Tensor, pole: float) -> Tensor:
@@ -161,8 +163,12 @@ class FDivergence:
         return _below_pole(v, self.f_prime_inf)
 
     def f_prime_scalar(self, u: float) -> float:
-        """f'(u) for a Python float, evaluated in fp64 (bracket ends)."""
-        return float(self.f_prime(torch.tensor(u, dtype=torch.float64)))
+        """f'(u) for a Python float, evaluated in fp64 (bracket ends; memoised, so that a training loop
+        does not convert a tensor to a float at every call)."""
+        key = (self, u)
+        if key not in _F_PRIME_SCALARS:
+            _F_PRIME_SCALARS[key] = float(self.f_prime(torch.tensor(u, dtype=torch.float64)))
+        return _F_PRIME_SCALARS[key]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"

@@ -82,10 +82,10 @@ class RowStats(NamedTuple):
     def write(self, rows, sol: RowSolution) -> None:
         """Record a solution's rows (``rows``: where they go in these arrays)."""
         support, entropy, pred = row_statistics(sol)
-        self.support[rows] = support.to(self.support.dtype)
-        self.entropy[rows] = entropy.to(self.entropy.dtype)
-        self.pred[rows] = pred
         skipped = sol.skipped if sol.skipped is not None else torch.zeros_like(pred, dtype=torch.bool)
+        self.support[rows] = support.to(self.support.dtype).masked_fill(skipped, 0)
+        self.entropy[rows] = entropy.to(self.entropy.dtype).masked_fill(skipped, 0)
+        self.pred[rows] = pred.masked_fill(skipped, -1)
         self.skipped[rows] = skipped
         self.solved[rows] = ~skipped
 

@@ -59,7 +59,7 @@ def _solve_pass(
     out: Optional[Tensor],
     max_iter: Optional[int],
     skip_nonfinite: bool,
-    chunk_elements: int,
+    chunk_elements: Optional[int],
     topk: Optional[int],
     lower: Optional[Tensor],
     uncertain_all: Tensor,
@@ -71,7 +71,7 @@ def _solve_pass(
     N, V = x.shape
     cdt = solve_dtype(div, x.dtype)
     total = N if rows is None else rows.numel()
-    step = max(1, chunk_elements // max(V, 1))
+    step = max(1, (chunk_elements or BATCHED_CHUNK_ELEMENTS) // max(V, 1))
     passes = _passes(div, max_iter)
     lazy_q = isinstance(q, RowProvider)
     for a in range(0, total, step):
@@ -123,6 +123,8 @@ def _solve_pass(
             tau, p, converged = newton_solve(z, qc, div, lo, hi, passes, early_exit=False, out=out_rows)
             unsure = ~converged if unsure is None else unsure | ~converged
             sol = RowSolution(sel, x_rows, m, qc, tau, p, z, qc, None)
+        if unsure is None:  # KL on finite rows: exact
+            unsure = torch.zeros_like(m, dtype=torch.bool)
         if skipped is not None:
             unsure = unsure & ~skipped
             sol.skipped = skipped
@@ -148,7 +150,7 @@ def solve_rows_batched(
     max_iter: Optional[int] = None,
     skip_nonfinite: bool = False,
     resolve: bool = True,
-    chunk_elements: int = BATCHED_CHUNK_ELEMENTS,
+    chunk_elements: Optional[int] = None,
     topk: int = BATCHED_TOPK,
 ) -> Iterator[RowSolution]:
     """Sync-free solve of the rows of ``x`` [N, V] (see :func:`hf_fdiv.solver.solve_rows`).

@@ -83,17 +83,18 @@ def solve_rows_chunked(
     out: Optional[Tensor] = None,
     max_iter: Optional[int] = None,
     topk: int = SPARSE_TOPK,
-    chunk_elements: int = CHUNK_ELEMENTS,
+    chunk_elements: Optional[int] = None,
     workspace: Optional[Tensor] = None,
     skip_nonfinite: bool = False,
 ) -> Iterator[RowSolution]:
     """Solve f-softargmax for the rows of ``x`` [N, V] chunk by chunk (see :func:`hf_fdiv.solver.solve_rows`).
 
-    ``chunk_elements`` sets the rows per chunk (V // chunk_elements, at least 1); ``workspace``
+    ``chunk_elements`` sets the rows per chunk (chunk_elements // V, at least 1; default
+    ``CHUNK_ELEMENTS``, read at call time); ``workspace``
     (optional, [>= rows per chunk, V] in the compute dtype) is reused instead of allocated."""
     N, V = x.shape
     cdt = solve_dtype(div, x.dtype)
-    step = max(1, chunk_elements // max(V, 1))
+    step = max(1, (chunk_elements or CHUNK_ELEMENTS) // max(V, 1))
     total = N if rows is None else rows.numel()
     is_kl = isinstance(div, KL)
     rows_per_chunk = min(step, total)

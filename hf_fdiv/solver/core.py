@@ -319,6 +319,7 @@ def f_softmax_shifted(sol: RowSolution, div: FDivergence) -> Tensor:
 def softargmax_vjp(div: FDivergence, p: Tensor, q: Union[float, Tensor], g: Tensor) -> Tensor:
     """J^T g = s * (g - <s, g> / <s, 1>) for J = diag(s) - s s^T / sum(s), s = q (f*)''(z - tau)."""
     s = div.jacobian_weight(p, q)
+    s = torch.where(p > 0, s, 0.0)  # excluded classes (q = 0) have p = 0 and no sensitivity (0/0 in s)
     ssum = s.sum(1, keepdim=True)
     sg = torch.linalg.vecdot(s, g)[:, None]
     return s * (g - sg / ssum)  # not in place: s may alias p (KL)
