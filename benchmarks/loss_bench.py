@@ -12,7 +12,7 @@ operators get a dense random upstream gradient.
 
 Memory: peak extra resident memory during one more (untimed) call, above the resident memory before
 it (inputs and torch already resident), sampled every 0.2 ms from /proc/self/statm by a background
-thread. It includes outputs and gradients, like the CPU tables in ``solver_design.md``.
+thread. It includes outputs and gradients, like the CPU tables in the README.
 (EntmaxBisectLoss with one repeat is timed and sampled in the same run.)
 """
 

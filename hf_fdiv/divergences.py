@@ -5,7 +5,7 @@ An f-divergence with a (not necessarily normalised) reference measure q is
     D_f(p, q) = sum_j q_j f(p_j / q_j)
 
 for a convex generator f: R+ -> R with f(1) = 0. The built-in generators also have f'(1) = 0, so
-D_f >= 0 for unnormalised measures too (see ``docs/math.md`` section 1.1).
+D_f >= 0 for unnormalised measures too (see ``docs/math.md``, "f-divergence").
 
 The solver works with the convex conjugate f*(v) = sup_{u>=0} uv - f(u) through
 
@@ -139,7 +139,7 @@ class FDivergence:
     def jacobian_weight(self, p: Tensor, q: Union[float, Tensor]) -> Tensor:
         """s_j = q_j (f*)''(theta_j - tau) = q_j / f''(p_j / q_j), zero off the support.
 
-        The Jacobian of f-softargmax is diag(s) - s s^T / sum(s) (``docs/math.md`` 2.6).
+        The Jacobian of f-softargmax is diag(s) - s s^T / sum(s) (``docs/math.md``, "Jacobian of f-softargmax").
         """
         v = self.f_prime(p / q)
         s = q * self.conj_hess(v)
@@ -256,7 +256,7 @@ class _FunctionDivergence(FDivergence):
 
 
 # ---------------------------------------------------------------------------------------------
-# Built-in generators (docs/math.md section 3). All normalised: f(1) = f'(1) = 0.
+# Built-in generators (docs/math.md, "Built-in generators"). All normalised: f(1) = f'(1) = 0.
 # ---------------------------------------------------------------------------------------------
 
 

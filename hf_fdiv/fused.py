@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .divergences import DivergenceSpec, FDivergence, get_divergence
 from .losses import IGNORE_INDEX, RowStats, check_target_ids, onehot_loss, soft_target_loss
-from .solver import RowProvider, prepare_reference, solve_rows, solver_backend
+from .solver import RowProvider, prepare_reference, rows_per_chunk, solve_rows, solver_backend
 
 __all__ = ["fused_linear_fdiv_loss", "LogitTransform", "FUSED_CHUNK_ELEMENTS", "FUSED_DEVICE_CHUNK_ELEMENTS"]
 
@@ -92,13 +92,13 @@ class _FusedProblem:
 class _HeadGradients:
     """fp32 accumulators of the loss sum and of its gradients w.r.t. hidden, weight and bias."""
 
-    def __init__(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], need, cdt):
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], need, work_dtype):
         V, H = weight.shape
         dev = hidden.device
         self.total = torch.zeros((), dtype=torch.float64, device=dev)
         self.h = torch.zeros_like(hidden) if need[0] else None
-        self.w = torch.zeros((V, H), dtype=cdt, device=dev) if need[1] else None
-        self.b = torch.zeros(V, dtype=cdt, device=dev) if (bias is not None and need[2]) else None
+        self.w = torch.zeros((V, H), dtype=work_dtype, device=dev) if need[1] else None
+        self.b = torch.zeros(V, dtype=work_dtype, device=dev) if (bias is not None and need[2]) else None
 
     @property
     def wanted(self) -> bool:
@@ -129,9 +129,9 @@ def _fit_chunk(hidden, w32, b32, problem: _FusedProblem, rows: Tensor, acc: _Hea
     """Loss and gradient pushes of the token rows ``rows``; returns (rows, uncertain) pairs of the
     solutions whose rows were left out because they are not certified (sync-free backend)."""
     n = rows.numel()
-    cdt = w32.dtype
+    work_dtype = w32.dtype
     div, onehot = problem.div, not isinstance(problem.target, RowProvider)
-    h = hidden.index_select(0, rows).to(cdt)
+    h = hidden.index_select(0, rows).to(work_dtype)
     z = bufs["z"][:n]
     if b32 is None:
         torch.matmul(h, w32.T, out=z)
@@ -140,7 +140,7 @@ def _fit_chunk(hidden, w32, b32, problem: _FusedProblem, rows: Tensor, acc: _Hea
     problem.transform.apply(z)
     q = problem.reference(rows) if isinstance(problem.reference, RowProvider) else problem.reference
     t_chunk = problem.target[rows] if onehot else None
-    y_chunk = None if onehot else problem.target(rows).to(cdt)
+    y_chunk = None if onehot else problem.target(rows).to(work_dtype)
     deriv_chunk = problem.transform.derivative(z)
     # Dense p - y rows are gathered in dz_all and pushed through the head with one matmul per token
     # chunk; dense f write p straight into it.
@@ -175,7 +175,7 @@ def _fit_chunk(hidden, w32, b32, problem: _FusedProblem, rows: Tensor, acc: _Hea
         if onehot and sol.index is not None:
             # sparse p - e_t: support columns plus the target column (duplicates add up)
             idx = torch.cat([sol.index, t[:, None]], 1)
-            val = torch.cat([sol.p, torch.full_like(sol.p[:, :1], -1.0)], 1).to(cdt)
+            val = torch.cat([sol.p, torch.full_like(sol.p[:, :1], -1.0)], 1).to(work_dtype)
             if deriv is not None:
                 val = val * (deriv if deriv.shape[1] == 1 else deriv.gather(1, idx))
             if drop is not None:
@@ -209,12 +209,12 @@ class FusedLinearFDivFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], problem: _FusedProblem):
         # logits, solve and gradients in fp32 (fp64 for fp64 heads), whatever the model's dtype
-        cdt = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        w32 = weight.to(cdt)
-        b32 = None if bias is None else bias.to(cdt)
-        acc = _HeadGradients(hidden, weight, bias, ctx.needs_input_grad, cdt)
+        work_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        w32 = weight.to(work_dtype)
+        b32 = None if bias is None else bias.to(work_dtype)
+        acc = _HeadGradients(hidden, weight, bias, ctx.needs_input_grad, work_dtype)
         c = problem.chunk_rows
-        zbuf = torch.empty((min(c, problem.rows.numel()), weight.shape[0]), dtype=cdt, device=hidden.device)
+        zbuf = torch.empty((min(c, problem.rows.numel()), weight.shape[0]), dtype=work_dtype, device=hidden.device)
         bufs = {"z": zbuf, "dz": torch.empty_like(zbuf)}
         if problem.backend == "chunked":
             bufs["work"] = torch.empty_like(zbuf)
@@ -231,7 +231,7 @@ class FusedLinearFDivFunction(torch.autograd.Function):
             None if acc.w is None else acc.w.to(weight.dtype),
             None if acc.b is None else acc.b.to(bias.dtype),
         )
-        return acc.total.to(cdt)
+        return acc.total.to(work_dtype)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
@@ -307,7 +307,7 @@ def fused_linear_fdiv_loss(
         chunk_elements = FUSED_CHUNK_ELEMENTS if backend == "chunked" else FUSED_DEVICE_CHUNK_ELEMENTS
     problem = _FusedProblem(
         target=target, rows=rows, reference=reference, div=div, transform=transform, max_iter=max_iter,
-        chunk_rows=max(1, chunk_elements // max(V, 1)), skip_nonfinite=skip_nonfinite, backend=backend, stats=stats,
+        chunk_rows=rows_per_chunk(chunk_elements, V), skip_nonfinite=skip_nonfinite, backend=backend, stats=stats,
     )
     total = FusedLinearFDivFunction.apply(h2, weight, bias, problem)
     return (total, stats) if return_stats else total

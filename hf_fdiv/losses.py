@@ -2,7 +2,7 @@
 
     l_f(theta, y; q) = f-softmax(theta; q) + D_f(y, q) - <theta, y>,      grad_theta l_f = p - y,
 
-with p = f-softargmax(theta; q) (``docs/math.md``; paper, section 4). The value is computed as
+with p = f-softargmax(theta; q) (``docs/math.md``). The value is computed as
 tau + sum_j q_j B_f(0, p_j / q_j) - <y, theta - max> + sum_j q_j [f(y_j / q_j) - f(0)], where
 B_f(0, u) = f(0) - f(u) + u f'(u) >= 0 (:meth:`FDivergence.bregman_to_zero`): the f(0) constants of
 f-softmax and D_f(y, q) cancel analytically, the sums run over the supports of p and y, and no large
@@ -164,8 +164,8 @@ class FDivLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, target, q, div, rows, options: LossOptions):
         N, V = x.shape
-        cdt = compute_dtype(x.dtype)
-        losses = torch.zeros(N, dtype=cdt, device=x.device)
+        work_dtype = compute_dtype(x.dtype)
+        losses = torch.zeros(N, dtype=work_dtype, device=x.device)
         stats = RowStats.empty(N if options.with_stats else 0, x.device)
         lazy_target = isinstance(target, RowProvider)
         is_ids = not lazy_target and not target.is_floating_point()
@@ -191,7 +191,7 @@ class FDivLossFunction(torch.autograd.Function):
                         else:
                             grad.index_put_((sol.rows, c), g_c)
                 else:
-                    y = _target_rows(target, sol, is_ids, options.label_smoothing, cdt)
+                    y = _target_rows(target, sol, is_ids, options.label_smoothing, work_dtype)
                     p = sol.dense_p()
                     loss_c = soft_target_loss(p, y, sol, div)
                     if grad is not None:

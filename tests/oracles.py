@@ -108,7 +108,7 @@ def kkt_residual(p: torch.Tensor, theta: torch.Tensor, name: str, q=None, tol_su
 
 
 def generator_f(name: str):
-    """f(u) for u >= 0, written independently (fdiv_math.md section 3)."""
+    """f(u) for u >= 0, written independently (docs/math.md, "Built-in generators")."""
     if name == "kl":
         return lambda u: torch.xlogy(u, u) - u + 1
     if name == "reverse_kl":

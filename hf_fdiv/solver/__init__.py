@@ -1,7 +1,7 @@
 """The f-softargmax solver: p = argmax_{p in simplex} <p, theta> - D_f(p, q), row by row.
 
 For every row, p_j = q_j (f*)'(theta_j - tau) with (f*)'(v) = (f')^{-1}(max(v, f'(0))), and the
-normaliser tau is the root of phi(tau) = sum_j p_j(tau) - 1 (``docs/math.md``; paper, section 3).
+normaliser tau is the root of phi(tau) = sum_j p_j(tau) - 1 (``docs/math.md``).
 All arithmetic is in fp32 (fp64 for fp64 inputs, and for alpha > 2).
 
 Backends (``docs/solver.md``), chosen per call by :func:`solver_backend`:
@@ -40,6 +40,7 @@ from .core import (
     f_softmax_shifted,
     newton_policy,
     row_statistics,
+    rows_per_chunk,
     softargmax_vjp,
     sum_q_bregman,
 )
@@ -78,6 +79,7 @@ __all__ = [
     "sum_q_bregman",
     "row_statistics",
     "work_chunk_rows",
+    "rows_per_chunk",
     "CHUNK_ELEMENTS",
     "DEFAULT_MAX_ITER",
     "SPARSE_TOPK",
@@ -118,8 +120,7 @@ def solver_backend(x: Tensor) -> str:
 def work_chunk_rows(x: Tensor, V: int) -> int:
     """Rows per chunk of elementwise work after a solve (gradient scaling, backward products):
     cache-sized on CPU, a memory budget on other devices."""
-    budget = CHUNK_ELEMENTS if solver_backend(x) == "chunked" else BATCHED_CHUNK_ELEMENTS
-    return max(1, budget // max(V, 1))
+    return rows_per_chunk(CHUNK_ELEMENTS if solver_backend(x) == "chunked" else BATCHED_CHUNK_ELEMENTS, V)
 
 
 def solve_rows(
@@ -189,11 +190,11 @@ class FSoftargmaxFunction(torch.autograd.Function):
         (p,) = ctx.saved_tensors
         div, q = ctx.div, ctx.q
         N, V = p.shape
-        cdt = compute_dtype(p.dtype)
+        work_dtype = compute_dtype(p.dtype)
         dx = torch.empty_like(p)
         covered = 0
         for rows, index, pk, qk in ctx.compact:
-            gk = grad_out[rows].gather(1, index).to(cdt)
+            gk = grad_out[rows].gather(1, index).to(work_dtype)
             d = dx[rows]
             d.zero_()
             d.scatter_(1, index, softargmax_vjp(div, pk, qk, gk).to(dx.dtype))
@@ -207,8 +208,8 @@ class FSoftargmaxFunction(torch.autograd.Function):
                 sl = slice(a, min(N, a + step))
                 if ctx.compact and bool(done[sl].all()):
                     continue
-                qc = reference_rows(q, sl, V, cdt)
-                dx[sl] = softargmax_vjp(div, p[sl].to(cdt), qc, grad_out[sl].to(cdt))
+                qc = reference_rows(q, sl, V, work_dtype)
+                dx[sl] = softargmax_vjp(div, p[sl].to(work_dtype), qc, grad_out[sl].to(work_dtype))
         return dx, None, None, None
 
 

@@ -27,8 +27,8 @@ from torch import Tensor
 
 from ..divergences import KL, FDivergence
 from .chunked import solve_rows_chunked
-from .core import RowSolution, bracket, newton_policy, newton_solve, solve_dtype, solve_kl
-from .reference import RowProvider, reference_at_columns, reference_rows
+from .core import RowSolution, bracket, newton_policy, newton_solve, rows_per_chunk, solve_dtype, solve_kl
+from .reference import RowProvider, bad_reference_rows, reference_at_columns, reference_rows
 
 __all__ = ["solve_rows_batched", "BATCHED_CHUNK_ELEMENTS", "BATCHED_TOPK", "BATCHED_PASSES"]
 
@@ -45,10 +45,6 @@ def _passes(div: FDivergence, max_iter: Optional[int]) -> int:
     if max_iter is not None:
         return max_iter
     return BATCHED_PASSES if newton_policy(div).monotone else BATCHED_NON_MONOTONE_PASSES
-
-
-def _bad_reference_rows(q: Tensor) -> Tensor:
-    return (~torch.isfinite(q)).any(1) | (q < 0).any(1) | (q.sum(1) <= 0)
 
 
 def _solve_pass(
@@ -69,9 +65,9 @@ def _solve_pass(
     [len(rows)] is a known lower bound of tau. Writes each row's uncertainty into ``uncertain_all``
     (and tau into ``tau_all`` when given)."""
     N, V = x.shape
-    cdt = solve_dtype(div, x.dtype)
+    work_dtype = solve_dtype(div, x.dtype)
     total = N if rows is None else rows.numel()
-    step = max(1, (chunk_elements or BATCHED_CHUNK_ELEMENTS) // max(V, 1))
+    step = rows_per_chunk(chunk_elements or BATCHED_CHUNK_ELEMENTS, V)
     passes = _passes(div, max_iter)
     lazy_q = isinstance(q, RowProvider)
     for a in range(0, total, step):
@@ -82,14 +78,14 @@ def _solve_pass(
         else:
             sel = rows[a:b]
             x_rows = x.index_select(0, sel)
-        qc = reference_rows(q, sel, V, cdt)
+        qc = reference_rows(q, sel, V, work_dtype)
         unsure = None
         if isinstance(qc, Tensor):
             if lazy_q:  # a bad computed row is re-solved by the exact path, which raises
-                unsure = _bad_reference_rows(qc)
+                unsure = bad_reference_rows(qc)
             # A zero reference excludes the class (the exact perspective limit for super-linear f).
             x_rows = x_rows.masked_fill(qc == 0, -math.inf)
-        m = x_rows.amax(1).to(cdt)
+        m = x_rows.amax(1).to(work_dtype)
         nonfinite = ~torch.isfinite(m)
         skipped = None
         if skip_nonfinite:
@@ -100,13 +96,13 @@ def _solve_pass(
         m = m.masked_fill(nonfinite, 0.0)
         out_rows = out[sel] if out is not None and isinstance(sel, slice) else None
         if isinstance(div, KL):
-            z = x_rows.to(cdt) - m[:, None]
-            direct = out_rows is not None and out_rows.dtype == cdt and not isinstance(qc, Tensor)
+            z = x_rows.to(work_dtype) - m[:, None]
+            direct = out_rows is not None and out_rows.dtype == work_dtype and not isinstance(qc, Tensor)
             tau, p = solve_kl(z, qc, out_rows if direct else None)
             sol = RowSolution(sel, x_rows, m, qc, tau, p, None, qc, None)
         elif topk is not None and min(V, topk) < V:
             vals, idx = x_rows.topk(topk, dim=1, sorted=False)
-            vals = vals.to(cdt) - m[:, None]
+            vals = vals.to(work_dtype) - m[:, None]
             qk = reference_at_columns(qc, idx)
             lo, hi = bracket(vals, qk, div)
             tau, pk, converged = newton_solve(vals, qk, div, lo, hi, passes, early_exit=False)
@@ -115,7 +111,7 @@ def _solve_pass(
             unsure = ~exact if unsure is None else unsure | ~exact
             sol = RowSolution(sel, x_rows, m, qc, tau, pk, vals, qk, idx)
         else:
-            z = x_rows.to(cdt) - m[:, None]
+            z = x_rows.to(work_dtype) - m[:, None]
             lo, hi = bracket(z, qc, div)
             if lower is not None:
                 lo = torch.maximum(lo, lower[a:b])

@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 from ..divergences import KL, FDivergence
-from .core import RowSolution, bracket, newton_solve, nonfinite_error, solve_dtype, solve_kl
-from .reference import RowProvider, reference_at_columns, reference_error, reference_rows
+from .core import RowSolution, bracket, newton_solve, nonfinite_error, rows_per_chunk, solve_dtype, solve_kl
+from .reference import RowProvider, bad_reference_rows, reference_at_columns, reference_rows
 
 __all__ = ["solve_rows_chunked", "CHUNK_ELEMENTS", "SPARSE_TOPK", "SPARSE_MAX_SUPPORT_FRACTION"]
 
@@ -93,13 +93,13 @@ def solve_rows_chunked(
     ``CHUNK_ELEMENTS``, read at call time); ``workspace``
     (optional, [>= rows per chunk, V] in the compute dtype) is reused instead of allocated."""
     N, V = x.shape
-    cdt = solve_dtype(div, x.dtype)
-    step = max(1, (chunk_elements or CHUNK_ELEMENTS) // max(V, 1))
+    work_dtype = solve_dtype(div, x.dtype)
+    step = rows_per_chunk(chunk_elements or CHUNK_ELEMENTS, V)
     total = N if rows is None else rows.numel()
     is_kl = isinstance(div, KL)
-    rows_per_chunk = min(step, total)
-    if workspace is None or workspace.dtype != cdt or workspace.shape[0] < rows_per_chunk or workspace.shape[1] != V:
-        workspace = torch.empty((rows_per_chunk, V), dtype=cdt, device=x.device) if total else None
+    chunk_rows = min(step, total)
+    if workspace is None or workspace.dtype != work_dtype or workspace.shape[0] < chunk_rows or workspace.shape[1] != V:
+        workspace = torch.empty((chunk_rows, V), dtype=work_dtype, device=x.device) if total else None
     lazy_q = isinstance(q, RowProvider)
     q_has_zero = isinstance(q, Tensor) and bool((q == 0).any())
     for a in range(0, total, step):
@@ -110,13 +110,13 @@ def solve_rows_chunked(
         else:
             sel = rows[a:b]
             x_rows = x.index_select(0, sel)
-        qc = reference_rows(q, sel, V, cdt)
-        if lazy_q and bool(reference_error(qc)):
+        qc = reference_rows(q, sel, V, work_dtype)
+        if lazy_q and bool(bad_reference_rows(qc).any()):
             raise ValueError("a computed reference chunk has negative, NaN or inf entries, or an all-zero row.")
         if q_has_zero or (lazy_q and bool((qc == 0).any())):
             # A zero reference excludes the class (the exact perspective limit for super-linear f).
             x_rows = x_rows.masked_fill(qc == 0, -math.inf)
-        m = x_rows.amax(1).to(cdt)
+        m = x_rows.amax(1).to(work_dtype)
         skipped = ~torch.isfinite(m)
         if bool(skipped.any()):
             if not skip_nonfinite:
@@ -130,7 +130,7 @@ def solve_rows_chunked(
             out_rows = out[sel]
         if is_kl:
             z = _shifted(x_rows, m, workspace)
-            direct = out_rows is not None and out_rows.dtype == cdt and not isinstance(qc, Tensor)
+            direct = out_rows is not None and out_rows.dtype == work_dtype and not isinstance(qc, Tensor)
             tau, p = solve_kl(z, qc, out_rows if direct else None)
             sol = RowSolution(sel, x_rows, m, qc, tau, p, None, qc, None)
         elif div.sparse:

@@ -3,7 +3,7 @@ form, the f-softmax value and the Jacobian-vector product.
 
 For a row z (logits shifted by their max) and a reference q, p_j = q_j (f*)'(z_j - tau) with
 (f*)'(v) = (f')^{-1}(max(v, f'(0))), and tau is the root of phi(tau) = sum_j p_j(tau) - 1
-(``docs/math.md``; paper, section 3). The root search is a safeguarded Newton method started at the
+(``docs/math.md``). The root search is a safeguarded Newton method started at the
 lower bracket end tau_lo = max_j(z_j - f'(1/q_j)) (phi >= 0 there), run on a transform of the
 normalisation equation under which it is monotone (``docs/solver.md``).
 """
@@ -43,6 +43,7 @@ __all__ = [
     "f_softmax_shifted",
     "softargmax_vjp",
     "row_statistics",
+    "rows_per_chunk",
     "DEFAULT_MAX_ITER",
     "NON_MONOTONE_MAX_ITER",
 ]
@@ -99,6 +100,11 @@ def newton_policy(div: FDivergence) -> NewtonPolicy:
     if isinstance(div, (KL, ReverseKL, SquaredHellinger, JensenShannon)):  # log-convex (f*)'
         return NewtonPolicy(0.0, monotone=True)
     return NewtonPolicy(1.0 if div.sparse else 0.0, monotone=False)
+
+
+def rows_per_chunk(elements: int, V: int) -> int:
+    """Rows of V classes in a chunk of about ``elements`` elements (at least one)."""
+    return max(1, elements // max(V, 1))
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

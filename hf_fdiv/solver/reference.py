@@ -3,7 +3,7 @@
 A reference is held by the solver in one of four forms: a Python float (``"unit"`` = 1,
 ``"uniform"`` = 1/V, a positive number), a [V] class prior, [N, V] rows matching the flattened
 logits, or a :class:`RowProvider` that computes rows on demand (e.g. a teacher's probabilities).
-A zero q_j excludes class j (``docs/math.md``, "Reference measures").
+A zero q_j excludes class j (``docs/math.md``, "f-divergence").
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ __all__ = [
     "reference_at_columns",
     "reference_at_targets",
     "reference_total",
-    "reference_error",
+    "bad_reference_rows",
 ]
 
 ReferenceSpec = Union[str, float, Tensor]
@@ -43,9 +43,10 @@ class RowProvider:
         return self.fn(rows)
 
 
-def reference_error(q: Tensor) -> Tensor:
-    """0-d bool tensor, True when q has a NaN/inf or negative entry or an all-zero row (no host sync)."""
-    return (~torch.isfinite(q)).any() | (q < 0).any() | (q.sum(-1) <= 0).any()
+def bad_reference_rows(q: Tensor) -> Tensor:
+    """[n] bool: rows of a computed reference [n, V] with a NaN/inf or negative entry, or all zero
+    (no host synchronisation)."""
+    return (~torch.isfinite(q)).any(-1) | (q < 0).any(-1) | (q.sum(-1) <= 0)
 
 
 def prepare_reference(reference: ReferenceSpec, logits: Tensor, dim: int = -1) -> Union[float, Tensor]:

@@ -1,6 +1,6 @@
 """``FDivDistillationTrainer``: distil a teacher into a student with an f-divergence loss.
 
-Two modes (``fdiv_math.md`` section 6), with teacher log-probabilities t at temperature T:
+Two modes (``docs/math.md``, "Distillation"), with teacher log-probabilities t at temperature T:
 
 * ``teacher_mode="target"`` (default, classic distillation): y = softmax(t / T), optionally mixed with
   the data label, y = label_weight * e_c + (1 - label_weight) * y, and q = ``reference``; the loss
