@@ -218,22 +218,58 @@ class FDivLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_losses, *unused):
-        grad = ctx.grad_buffer
-        if grad is None:
-            raise RuntimeError(
-                "fdiv_loss backward ran twice through the same graph: its gradient buffer is scaled in place "
-                "and released after the first backward. Recompute the loss instead of retain_graph=True."
-            )
-        ctx.grad_buffer = None
-        if grad.dtype in (torch.float32, torch.float64):
-            grad.mul_(grad_losses.to(grad.dtype)[:, None])
-        else:  # scale low-precision gradients in fp32, chunk by chunk
-            N, V = grad.shape
-            step = work_chunk_rows(grad, V)
-            for a in range(0, N, step):
-                sl = slice(a, min(N, a + step))
-                grad[sl] = grad[sl].float() * grad_losses[sl].float()[:, None]
-        return grad, None, None, None, None, None
+        return _scaled_gradient(ctx, grad_losses), None, None, None, None, None
+
+
+def _scaled_gradient(ctx, grad_losses: Tensor) -> Tensor:
+    """The p - y buffer computed in forward, scaled in place by d loss_i (rows); once only."""
+    grad = ctx.grad_buffer
+    if grad is None:
+        raise RuntimeError(
+            "fdiv_loss backward ran twice through the same graph: its gradient buffer is scaled in place "
+            "and released after the first backward. Recompute the loss instead of retain_graph=True."
+        )
+    ctx.grad_buffer = None
+    if grad.dtype in (torch.float32, torch.float64):
+        return grad.mul_(grad_losses.to(grad.dtype)[:, None])
+    N, V = grad.shape  # scale low-precision gradients in fp32, chunk by chunk
+    step = work_chunk_rows(grad, V)
+    for a in range(0, N, step):
+        sl = slice(a, min(N, a + step))
+        grad[sl] = grad[sl].float() * grad_losses[sl].float()[:, None]
+    return grad
+
+
+class TritonFYLossFunction(torch.autograd.Function):
+    """Per-row losses [N] of class-id targets with a scalar reference, from the Triton row kernel
+    (:mod:`hf_fdiv.solver.triton_kernels`: one program per row writes the loss and p - e_c).
+
+    Rows the kernel does not certify (Newton not converged within its passes, a non-finite loss) are
+    recomputed by the PyTorch path after one host synchronisation; that path also raises the errors
+    (non-finite logits, an excluded target)."""
+
+    @staticmethod
+    def forward(ctx, x, target, q, div, ignore_index, max_iter):
+        from .solver import triton_kernels
+
+        grad = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        losses, _, _, converged = triton_kernels.fy_loss_rows(
+            x, target, div, q, ignore_index, grad=grad, n_iter=max_iter
+        )
+        redo = (~converged | ~torch.isfinite(losses)).nonzero().squeeze(1)  # the one host synchronisation
+        if redo.numel():
+            with torch.enable_grad():
+                rows = x.detach().index_select(0, redo).requires_grad_()
+                exact, _ = fdiv_loss_rows(rows, target[redo], q, div, ignore_index=ignore_index, max_iter=max_iter)
+                if grad is not None:
+                    grad.index_copy_(0, redo, torch.autograd.grad(exact.sum(), rows)[0])
+            losses.index_copy_(0, redo, exact.detach().to(losses.dtype))
+        ctx.grad_buffer = grad
+        return losses if x.dtype != torch.float64 else losses.double()
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        return _scaled_gradient(ctx, grad_losses), None, None, None, None, None
 
 
 def _target_rows(target, sol: RowSolution, is_ids: bool, label_smoothing: float, dtype) -> Tensor:
@@ -403,14 +439,15 @@ def fdiv_loss(
 
 
 def _triton_loss(x, t, q, div, ignore_index, label_smoothing, max_iter, skip_nonfinite, return_stats):
-    """The Triton kernels' result (per-row losses, stats) where they cover the case, else None."""
+    """The Triton kernels' result (per-row losses, stats) where they cover the case, else None
+    (soft targets, label smoothing, skip mode, stats and tensor references use the PyTorch path)."""
     if solver_backend(x) != "triton":
         return None
     if t.is_floating_point() or label_smoothing or skip_nonfinite or return_stats or isinstance(q, Tensor):
         return None
-    from .solver.triton_kernels import TritonFYLossFunction, supports
+    from .solver import triton_kernels
 
-    if not supports(div, q):
+    if x.dtype == torch.float64 or not triton_kernels.supports(div, q, x):
         return None
     return TritonFYLossFunction.apply(x, t, q, div, int(ignore_index), max_iter), None
 

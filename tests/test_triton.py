@@ -21,7 +21,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from hf_fdiv import f_softargmax, fdiv_loss  # noqa: E402
 from hf_fdiv.divergences import KL, AlphaDivergence, ChiSquare, JensenShannon, ReverseKL  # noqa: E402
-from hf_fdiv import triton_kernels as tk  # noqa: E402
+from hf_fdiv.solver import triton_kernels as tk  # noqa: E402
 
 _INTERPRETED = type(tk._fdiv_newton_kernel).__name__ == "InterpretedFunction"
 DEVICE = "cpu" if _INTERPRETED else "cuda"
@@ -350,3 +350,46 @@ def test_supports_and_errors():
     with pytest.raises(ValueError):
         xt = torch.randn(5, 2, device=DEVICE).t()
         tk.fy_loss_rows(xt, t, "kl", grad=xt)
+
+
+# --------------------------------------------------------------------------------- through the public API
+
+
+@pytest.mark.parametrize("name", ["kl", "alpha:1.5", "alpha:1.25", "js"])
+def test_public_api_on_the_triton_backend_matches_cpu_path(monkeypatch, name):
+    g = torch.Generator().manual_seed(11)
+    x = (3 * torch.randn(7, 301, generator=g)).to(DEVICE)
+    x[0] *= 0.01  # a flat row
+    t = torch.randint(0, 301, (7,), generator=g).to(DEVICE)
+    t[2] = IGNORE
+
+    def run(dtype):
+        a = x.to(dtype).clone().requires_grad_()
+        loss = fdiv_loss(a, t, name, reduction="sum")
+        loss.backward()
+        b = x.to(dtype).clone().requires_grad_()
+        p = f_softargmax(b, name, "uniform")
+        (p * torch.linspace(-1, 1, 301, device=DEVICE, dtype=dtype)).sum().backward()
+        return [v.double() for v in (loss.detach(), a.grad, p.detach(), b.grad)]
+
+    monkeypatch.setenv("HF_FDIV_SOLVER", "chunked")
+    want = run(torch.float64)  # the fp64 solve (the kernels are fp32-only: fp64 is never routed to them)
+    monkeypatch.setenv("HF_FDIV_SOLVER", "triton")
+    got = run(torch.float32)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=5e-5, rtol=2e-5)
+
+
+def test_unconverged_and_nonfinite_rows_take_the_exact_path(monkeypatch):
+    monkeypatch.setenv("HF_FDIV_SOLVER", "triton")
+    g = torch.Generator().manual_seed(12)
+    x = (2 * torch.randn(5, 301, generator=g)).to(DEVICE)
+    t = torch.randint(0, 301, (5,), generator=g).to(DEVICE)
+    want = fdiv_loss(x.double(), t, "alpha:1.5", reduction="none").float()
+    # one Newton pass certifies no row: every row is recomputed exactly by the PyTorch path
+    monkeypatch.setattr(tk, "DEFAULT_N_ITER_ALPHA", 1)
+    got = fdiv_loss(x, t, "alpha:1.5", reduction="none")
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    x[3, 7] = math.nan
+    with pytest.raises(ValueError, match="1 row"):
+        fdiv_loss(x, t, "alpha:1.5")

@@ -117,6 +117,16 @@ def solver_backend(x: Tensor) -> str:
     return choice
 
 
+def _use_triton(x: Tensor, q, div: FDivergence) -> bool:
+    """The Triton operator kernels cover this call (backend ``triton``, scalar q, KL / JS / 1 < alpha <= 2,
+    fp32/bf16/fp16)."""
+    if isinstance(q, (Tensor, RowProvider)) or x.dtype == torch.float64 or solver_backend(x) != "triton":
+        return False
+    from . import triton_kernels
+
+    return triton_kernels.supports(div, q, x)
+
+
 def work_chunk_rows(x: Tensor, V: int) -> int:
     """Rows per chunk of elementwise work after a solve (gradient scaling, backward products):
     cache-sized on CPU, a memory budget on other devices."""
@@ -176,6 +186,18 @@ class FSoftargmaxFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, q, div: FDivergence, max_iter: Optional[int]):
+        ctx.triton = _use_triton(x, q, div)
+        if ctx.triton:
+            from . import triton_kernels
+
+            p, _, converged = triton_kernels.softargmax_rows(x, div, q, n_iter=max_iter)
+            redo = (~converged | ~torch.isfinite(p).all(1)).nonzero().squeeze(1)  # one host synchronisation
+            if redo.numel():  # exact PyTorch solve of the rows the kernel did not certify (raises on NaN)
+                for _ in solve_rows(x, q, div, rows=redo, out=p, max_iter=max_iter, backend="batched"):
+                    pass
+            ctx.div, ctx.q = div, q
+            ctx.save_for_backward(p)
+            return p
         out = torch.empty_like(x)
         compact = []  # (rows, index, p, q) of chunks with a certified compact support
         for sol in solve_rows(x, q, div, out=out, max_iter=max_iter):
@@ -189,6 +211,10 @@ class FSoftargmaxFunction(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         (p,) = ctx.saved_tensors
         div, q = ctx.div, ctx.q
+        if ctx.triton:
+            from . import triton_kernels
+
+            return triton_kernels.softargmax_backward_rows(p, grad_out.contiguous(), div, q), None, None, None
         N, V = p.shape
         work_dtype = compute_dtype(p.dtype)
         dx = torch.empty_like(p)

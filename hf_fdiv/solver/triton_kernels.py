@@ -55,7 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hf_fdiv.divergences import KL, AlphaDivergence, JensenShannon, get_divergence
+from ..divergences import KL, AlphaDivergence, JensenShannon, get_divergence
 
 __all__ = [
     "supports",
