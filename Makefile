@@ -5,7 +5,7 @@ PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip
 STAMP   = $(VENV)/.installed
 
-.PHONY: venv demo-deps demo test bench clean
+.PHONY: venv demo-deps demo test test-cuda bench gpu-bench clean
 
 venv: $(STAMP)
 
@@ -38,6 +38,13 @@ test: venv
 
 bench: venv
 	$(PY) benchmarks/loss_bench.py
+
+# On a machine with a CUDA GPU and a CUDA build of torch (not the CPU pin of `make venv`).
+test-cuda:
+	$(PYTHON) -m pytest -q -m "cuda or triton" tests/test_cuda.py tests/test_triton.py
+
+gpu-bench:
+	$(PYTHON) -u benchmarks/gpu_bench.py --backends auto,triton
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

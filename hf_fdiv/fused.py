@@ -89,6 +89,44 @@ class _FusedProblem:
     stats: Optional[RowStats]
 
 
+class _Head:
+    """The LM head as the chunk loop uses it: logits in the work dtype (fp32, fp64 for fp64 heads), W
+    rows and W products for the gradient pushes.
+
+    bf16/fp16 heads on CUDA use cuBLAS low-precision GEMMs with fp32 output (``out_dtype``): no fp32
+    copy of W and no bf16 rounding of the logits before the solve. Elsewhere W is cast once."""
+
+    def __init__(self, weight: Tensor, bias: Optional[Tensor], work_dtype: torch.dtype):
+        self.work_dtype = work_dtype
+        self.low_precision = weight.is_cuda and weight.dtype in (torch.bfloat16, torch.float16)
+        self.weight = weight if self.low_precision else weight.to(work_dtype)
+        self.bias = None if bias is None else bias.to(work_dtype)
+
+    def logits(self, h: Tensor, out: Tensor) -> Tensor:
+        """h W^T + b for h [n, H] (any dtype), into ``out`` [n, V] or a new fp32 tensor."""
+        if self.low_precision:
+            try:
+                z = torch.mm(h.to(self.weight.dtype), self.weight.T, out_dtype=torch.float32)
+            except (TypeError, RuntimeError):  # a torch without low-precision GEMMs to fp32: cast W once
+                self.low_precision, self.weight = False, self.weight.to(self.work_dtype)
+                return self.logits(h, out)
+            return z if self.bias is None else z.add_(self.bias)
+        h = h.to(self.work_dtype)
+        if self.bias is None:
+            return torch.matmul(h, self.weight.T, out=out)
+        return torch.addmm(self.bias, h, self.weight.T, out=out)
+
+    def rows(self, index: Tensor) -> Tensor:
+        """W[index] in the work dtype."""
+        return self.weight.index_select(0, index).to(self.work_dtype)
+
+    def left_multiply(self, dz: Tensor) -> Tensor:
+        """dz @ W for dz [n, V] in the work dtype."""
+        if self.low_precision:
+            return dz.to(self.weight.dtype) @ self.weight
+        return dz @ self.weight
+
+
 class _HeadGradients:
     """fp32 accumulators of the loss sum and of its gradients w.r.t. hidden, weight and bias."""
 
@@ -104,20 +142,20 @@ class _HeadGradients:
     def wanted(self) -> bool:
         return self.h is not None or self.w is not None or self.b is not None
 
-    def push_dense(self, dz: Tensor, h: Tensor, w32: Tensor, rows: Tensor) -> None:
+    def push_dense(self, dz: Tensor, h: Tensor, head: _Head, rows: Tensor) -> None:
         if self.h is not None:
-            self.h.index_copy_(0, rows, (dz @ w32).to(self.h.dtype))
+            self.h.index_copy_(0, rows, head.left_multiply(dz).to(self.h.dtype))
         if self.w is not None:
             self.w.addmm_(dz.T, h)
         if self.b is not None:
             self.b.add_(dz.sum(0))
 
-    def push_sparse(self, val: Tensor, idx: Tensor, h: Tensor, w32: Tensor, rows: Tensor) -> None:
+    def push_sparse(self, val: Tensor, idx: Tensor, h: Tensor, head: _Head, rows: Tensor) -> None:
         """grad_h[rows] = sum_k val_k W[idx_k], grad_W[idx_k] += val_k h, grad_b[idx_k] += val_k."""
         n, k = idx.shape
         flat = idx.reshape(-1)
         if self.h is not None:
-            wk = w32.index_select(0, flat).view(n, k, -1)
+            wk = head.rows(flat).view(n, k, -1)
             self.h.index_copy_(0, rows, torch.bmm(val[:, None, :], wk).squeeze(1).to(self.h.dtype))
         if self.w is not None:
             self.w.index_add_(0, flat, (val[:, :, None] * h[:, None, :]).reshape(n * k, -1))
@@ -125,19 +163,15 @@ class _HeadGradients:
             self.b.index_add_(0, flat, val.reshape(-1))
 
 
-def _fit_chunk(hidden, w32, b32, problem: _FusedProblem, rows: Tensor, acc: _HeadGradients, backend: str, bufs):
+def _fit_chunk(hidden, head: _Head, problem: _FusedProblem, rows: Tensor, acc: _HeadGradients, backend: str, bufs):
     """Loss and gradient pushes of the token rows ``rows``; returns (rows, uncertain) pairs of the
     solutions whose rows were left out because they are not certified (sync-free backend)."""
     n = rows.numel()
-    work_dtype = w32.dtype
+    work_dtype = head.work_dtype
     div, onehot = problem.div, not isinstance(problem.target, RowProvider)
-    h = hidden.index_select(0, rows).to(work_dtype)
-    z = bufs["z"][:n]
-    if b32 is None:
-        torch.matmul(h, w32.T, out=z)
-    else:
-        torch.addmm(b32, h, w32.T, out=z)
-    problem.transform.apply(z)
+    h_chunk = hidden.index_select(0, rows)
+    z = problem.transform.apply(head.logits(h_chunk, None if bufs["z"] is None else bufs["z"][:n]))
+    h = h_chunk.to(work_dtype)
     q = problem.reference(rows) if isinstance(problem.reference, RowProvider) else problem.reference
     t_chunk = problem.target[rows] if onehot else None
     y_chunk = None if onehot else problem.target(rows).to(work_dtype)
@@ -180,7 +214,7 @@ def _fit_chunk(hidden, w32, b32, problem: _FusedProblem, rows: Tensor, acc: _Hea
                 val = val * (deriv if deriv.shape[1] == 1 else deriv.gather(1, idx))
             if drop is not None:
                 val = val.masked_fill(drop[:, None], 0.0)
-            acc.push_sparse(val, idx, h[sub], w32, g_rows)
+            acc.push_sparse(val, idx, h[sub], head, g_rows)
             continue
         dz = dz_all[sub]
         if out is None:
@@ -196,10 +230,10 @@ def _fit_chunk(hidden, w32, b32, problem: _FusedProblem, rows: Tensor, acc: _Hea
         dense_subs.append(sub)
     if dense_subs:
         if sum(s.stop - s.start for s in dense_subs) == n:
-            acc.push_dense(dz_all, h, w32, rows)
+            acc.push_dense(dz_all, h, head, rows)
         else:
             pick = torch.cat([torch.arange(s.start, s.stop, device=h.device) for s in dense_subs])
-            acc.push_dense(dz_all[pick], h[pick], w32, rows[pick])
+            acc.push_dense(dz_all[pick], h[pick], head, rows[pick])
     return left_out
 
 
@@ -210,22 +244,22 @@ class FusedLinearFDivFunction(torch.autograd.Function):
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], problem: _FusedProblem):
         # logits, solve and gradients in fp32 (fp64 for fp64 heads), whatever the model's dtype
         work_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        w32 = weight.to(work_dtype)
-        b32 = None if bias is None else bias.to(work_dtype)
+        head = _Head(weight, bias, work_dtype)
         acc = _HeadGradients(hidden, weight, bias, ctx.needs_input_grad, work_dtype)
         c = problem.chunk_rows
-        zbuf = torch.empty((min(c, problem.rows.numel()), weight.shape[0]), dtype=work_dtype, device=hidden.device)
-        bufs = {"z": zbuf, "dz": torch.empty_like(zbuf)}
+        shape = (min(c, problem.rows.numel()), weight.shape[0])
+        new = lambda: torch.empty(shape, dtype=work_dtype, device=hidden.device)  # noqa: E731
+        bufs = {"z": None if head.low_precision else new(), "dz": new()}  # low-precision GEMMs allocate z
         if problem.backend == "chunked":
-            bufs["work"] = torch.empty_like(zbuf)
+            bufs["work"] = new()
         left_out = []
         for a in range(0, problem.rows.numel(), c):
-            left_out += _fit_chunk(hidden, w32, b32, problem, problem.rows[a : a + c], acc, problem.backend, bufs)
+            left_out += _fit_chunk(hidden, head, problem, problem.rows[a : a + c], acc, problem.backend, bufs)
         if left_out:
             rows = torch.cat([r for r, _ in left_out])
             redo = rows[torch.cat([m for _, m in left_out])]  # the one host synchronisation of the sweep
             for a in range(0, redo.numel(), c):
-                _fit_chunk(hidden, w32, b32, problem, redo[a : a + c], acc, "chunked", bufs | {"work": None})
+                _fit_chunk(hidden, head, problem, redo[a : a + c], acc, "chunked", bufs | {"work": None})
         ctx.grads = (
             acc.h,
             None if acc.w is None else acc.w.to(weight.dtype),

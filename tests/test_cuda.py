@@ -92,3 +92,20 @@ def test_fused_head_matches_cpu(backend, name):
     assert math.isclose(float(total_c), float(total), rel_tol=1e-10)
     for a, b in zip(got, want):
         torch.testing.assert_close(a.grad.cpu(), b.grad, atol=1e-9, rtol=1e-9)
+
+
+def test_fused_bf16_head_uses_fp32_logits(backend):
+    # bf16 weights on CUDA take the low-precision GEMM with fp32 output: compare with the fp32 solve of
+    # the same bf16-rounded operands on CPU (the logits are not rounded to bf16 before the solve)
+    g = torch.Generator().manual_seed(5)
+    N, H, V = 256, 128, 20011
+    h = torch.randn(N, H, generator=g).to(torch.bfloat16)
+    W = (torch.randn(V, H, generator=g) / 4).to(torch.bfloat16)
+    t = torch.randint(0, V, (N,), generator=g)
+    for name in ["alpha:1.5", "kl"]:
+        want = fused_linear_fdiv_loss(h.float(), W.float(), t, name)
+        got = [x.cuda().requires_grad_() for x in (h, W)]
+        total = fused_linear_fdiv_loss(got[0], got[1], t.cuda(), name)
+        total.backward()
+        assert math.isclose(float(total), float(want), rel_tol=1e-4)
+        assert got[0].grad.dtype == torch.bfloat16 and bool(torch.isfinite(got[1].grad.float()).all())
