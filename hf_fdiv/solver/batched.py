@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..divergences import KL, FDivergence
 from .chunked import solve_rows_chunked
-from .core import RowSolution, bracket, newton_policy, newton_solve, rows_per_chunk, solve_dtype, solve_kl
+from .core import RowSolution, bracket, newton_policy, newton_solve, row_chunks, rows_per_chunk, solve_dtype, solve_kl
 from .reference import RowProvider, bad_reference_rows, reference_at_columns, reference_rows
 
 __all__ = ["solve_rows_batched", "BATCHED_CHUNK_ELEMENTS", "BATCHED_TOPK", "BATCHED_PASSES"]
@@ -66,18 +66,10 @@ def _solve_pass(
     (and tau into ``tau_all`` when given)."""
     N, V = x.shape
     work_dtype = solve_dtype(div, x.dtype)
-    total = N if rows is None else rows.numel()
     step = rows_per_chunk(chunk_elements or BATCHED_CHUNK_ELEMENTS, V)
     passes = _passes(div, max_iter)
     lazy_q = isinstance(q, RowProvider)
-    for a in range(0, total, step):
-        b = min(total, a + step)
-        if rows is None:
-            sel = slice(a, b)
-            x_rows = x[sel]
-        else:
-            sel = rows[a:b]
-            x_rows = x.index_select(0, sel)
+    for a, b, sel, x_rows in row_chunks(x, rows, step):
         qc = reference_rows(q, sel, V, work_dtype)
         unsure = None
         if isinstance(qc, Tensor):

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..divergences import KL, FDivergence
-from .core import RowSolution, bracket, newton_solve, nonfinite_error, rows_per_chunk, solve_dtype, solve_kl
+from .core import RowSolution, bracket, newton_solve, nonfinite_error, row_chunks, rows_per_chunk, solve_dtype, solve_kl
 from .reference import RowProvider, bad_reference_rows, reference_at_columns, reference_rows
 
 __all__ = ["solve_rows_chunked", "CHUNK_ELEMENTS", "SPARSE_TOPK", "SPARSE_MAX_SUPPORT_FRACTION"]
@@ -102,14 +102,7 @@ def solve_rows_chunked(
         workspace = torch.empty((chunk_rows, V), dtype=work_dtype, device=x.device) if total else None
     lazy_q = isinstance(q, RowProvider)
     q_has_zero = isinstance(q, Tensor) and bool((q == 0).any())
-    for a in range(0, total, step):
-        b = min(total, a + step)
-        if rows is None:
-            sel = slice(a, b)
-            x_rows = x[sel]
-        else:
-            sel = rows[a:b]
-            x_rows = x.index_select(0, sel)
+    for _, _, sel, x_rows in row_chunks(x, rows, step):
         qc = reference_rows(q, sel, V, work_dtype)
         if lazy_q and bool(bad_reference_rows(qc).any()):
             raise ValueError("a computed reference chunk has negative, NaN or inf entries, or an all-zero row.")

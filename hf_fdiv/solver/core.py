@@ -44,6 +44,7 @@ __all__ = [
     "softargmax_vjp",
     "row_statistics",
     "rows_per_chunk",
+    "row_chunks",
     "DEFAULT_MAX_ITER",
     "NON_MONOTONE_MAX_ITER",
 ]
@@ -105,6 +106,19 @@ def newton_policy(div: FDivergence) -> NewtonPolicy:
 def rows_per_chunk(elements: int, V: int) -> int:
     """Rows of V classes in a chunk of about ``elements`` elements (at least one)."""
     return max(1, elements // max(V, 1))
+
+
+def row_chunks(x: Tensor, rows: Optional[Tensor], step: int):
+    """Chunks of ``step`` rows of ``x`` [N, V] (all rows, or those listed in the LongTensor ``rows``):
+    yields (start, stop, selection, rows of x), the selection a slice or a LongTensor of row ids."""
+    total = x.shape[0] if rows is None else rows.numel()
+    for a in range(0, total, step):
+        b = min(total, a + step)
+        if rows is None:
+            yield a, b, slice(a, b), x[a:b]
+        else:
+            sel = rows[a:b]
+            yield a, b, sel, x.index_select(0, sel)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

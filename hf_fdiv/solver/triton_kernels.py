@@ -230,6 +230,32 @@ def _row_sums(Xrow, V, m, tau, zrow, a1, inv_a1, KIND: tl.constexpr, BLOCK_V: tl
 
 
 @triton.jit
+def _row_target(T, row, ignore_index, HAS_TARGET: tl.constexpr):
+    """(target class, ignored?) of a row; (-1, False) for the operator (no target)."""
+    if HAS_TARGET:
+        c = tl.load(T + row)
+        ignored = c == ignore_index
+    else:
+        c = -1
+        ignored = False
+    return c, ignored
+
+
+@triton.jit
+def _write_ignored_row(Grow, LOSS, TAU, SUPP, CONV, row, V, HAS_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
+    """An ignored row: loss 0, gradient row 0, nothing solved (reported converged)."""
+    if HAS_GRAD:
+        offs = tl.arange(0, BLOCK_V)
+        for start in range(0, V, BLOCK_V):
+            cols = start + offs
+            tl.store(Grow + cols, tl.zeros([BLOCK_V], dtype=tl.float32).to(Grow.dtype.element_ty), mask=cols < V)
+    tl.store(LOSS + row, 0.0)
+    tl.store(TAU + row, 0.0)
+    tl.store(SUPP + row, 0)
+    tl.store(CONV + row, 1)
+
+
+@triton.jit
 def _fdiv_newton_kernel(
     X, stride_x, T, G, stride_g, P, stride_p,
     LOSS, TAU, SUPP, CONV,
@@ -248,23 +274,9 @@ def _fdiv_newton_kernel(
     Prow = P + row * stride_p
     offs = tl.arange(0, BLOCK_V)
 
-    if HAS_TARGET:
-        c = tl.load(T + row)
-        ignored = c == ignore_index
-    else:
-        c = -1
-        ignored = False
-
+    c, ignored = _row_target(T, row, ignore_index, HAS_TARGET)
     if ignored:
-        if HAS_GRAD:
-            for start in range(0, V, BLOCK_V):
-                cols = start + offs
-                tl.store(Grow + cols, tl.zeros([BLOCK_V], dtype=tl.float32).to(G.dtype.element_ty),
-                         mask=cols < V)
-        tl.store(LOSS + row, 0.0)
-        tl.store(TAU + row, 0.0)
-        tl.store(SUPP + row, 0)
-        tl.store(CONV + row, 1)
+        _write_ignored_row(Grow, LOSS, TAU, SUPP, CONV, row, V, HAS_GRAD, BLOCK_V)
     else:
         # ---- pass 0: row max (and the row itself when it fits in one tile) --------------------
         if ONE_BLOCK:
@@ -374,23 +386,9 @@ def _kl_kernel(
     Prow = P + row * stride_p
     offs = tl.arange(0, BLOCK_V)
 
-    if HAS_TARGET:
-        c = tl.load(T + row)
-        ignored = c == ignore_index
-    else:
-        c = -1
-        ignored = False
-
+    c, ignored = _row_target(T, row, ignore_index, HAS_TARGET)
     if ignored:
-        if HAS_GRAD:
-            for start in range(0, V, BLOCK_V):
-                cols = start + offs
-                tl.store(Grow + cols, tl.zeros([BLOCK_V], dtype=tl.float32).to(G.dtype.element_ty),
-                         mask=cols < V)
-        tl.store(LOSS + row, 0.0)
-        tl.store(TAU + row, 0.0)
-        tl.store(SUPP + row, 0)
-        tl.store(CONV + row, 1)
+        _write_ignored_row(Grow, LOSS, TAU, SUPP, CONV, row, V, HAS_GRAD, BLOCK_V)
     else:
         # ---- pass 1: online max and sum of exponentials ----------------------------------------
         if ONE_BLOCK:
