@@ -1,16 +1,15 @@
-"""The loss logic shared by every hf_fdiv trainer (one place, like TRL's trainers share a base).
+"""The trainer glue shared by every hf_fdiv trainer (one place, like TRL's trainers share a base).
 
-:class:`FDivLossArguments` holds the config fields (``divergence``, ``reference``,
-``fdiv_max_iter``); :class:`FDivTrainerMixin` goes first in the bases of a ``transformers.Trainer``
-subclass and provides ``compute_loss`` (the f-divergence Fenchel-Young loss on shifted labels, with
-the gradient-accumulation contract of ``num_items_in_batch``), the metrics, and the model card.
+:class:`FDivTrainerMixin` goes first in the bases of a ``transformers.Trainer`` subclass and provides
+``compute_loss`` (shifted labels, the gradient-accumulation contract of ``num_items_in_batch``; the
+loss itself is :mod:`.loss_path`), the metrics, and the model card. The config fields live in
+:mod:`.arguments`.
 """
 
 from __future__ import annotations
 
 import os
 from collections import defaultdict
-from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 import torch
@@ -20,73 +19,10 @@ from ..divergences import FDivergence, get_divergence
 from ..losses import IGNORE_INDEX
 from ..solver import NonFiniteLogitsError
 from . import model_card
+from .arguments import FDivLossArguments, load_reference
 from .loss_path import METRIC_KEYS, LossInputs, LossSettings, fdiv_token_loss, fused_head
 
 __all__ = ["FDivLossArguments", "FDivTrainerMixin", "LossInputs", "IGNORE_INDEX"]
-
-_NAMED_REFERENCES = ("unit", "uniform")
-
-
-def _is_reference_file(reference) -> bool:
-    """True for a reference given as a file path (anything but 'unit' / 'uniform'); raises when the
-    file does not exist."""
-    if not isinstance(reference, str) or reference.strip().lower() in _NAMED_REFERENCES:
-        return False
-    if not os.path.isfile(reference):
-        raise ValueError(
-            f"reference={reference!r} is neither 'unit', 'uniform' nor an existing file: pass one of those or the "
-            "path of a torch.save'd [V] tensor."
-        )
-    return True
-
-
-@dataclass
-class FDivLossArguments:
-    """Config fields of the f-divergence loss, shared by every hf_fdiv config class."""
-
-    divergence: str = field(
-        default="alpha:1.5",
-        metadata={
-            "help": "f-divergence generating the loss: kl (= cross-entropy), reverse_kl, chi2, squared_hellinger, "
-            "js, alpha:<a> for any a > 0 (alpha:1.5 = entmax15, the paper's headline; alpha:2 = sparsemax)."
-        },
-    )
-    reference: str = field(
-        default="unit",
-        metadata={
-            "help": "Reference measure q: 'unit' (all ones; alpha-divergence = alpha-entmax), 'uniform' (1/V), or "
-            "the path of a torch-saved [V] tensor used as a class prior (a zero excludes the class)."
-        },
-    )
-    fdiv_max_iter: Optional[int] = field(
-        default=None,
-        metadata={"help": "Cap on root-search passes per chunk of rows (default 60, 200 for alpha > 2)."},
-    )
-    fdiv_skip_nonfinite: bool = field(
-        default=False,
-        metadata={"help": "Skip token rows whose logits contain NaN/inf (loss 0, gradient 0) and count them in the "
-                  "`nonfinite_rows` metric, instead of stopping with an error."},
-    )
-    fdiv_fused: bool = field(
-        default=True,
-        metadata={"help": "Fuse the loss with the LM head (never materialise [tokens x vocab] logits) when the model has "
-                  "the standard backbone + lm_head layout. False: use the model's logits."},
-    )
-
-    def _validate_fdiv(self) -> None:
-        get_divergence(self.divergence)  # raises ValueError with the known names
-        _is_reference_file(self.reference)
-        if self.fdiv_max_iter is not None and self.fdiv_max_iter < 1:
-            raise ValueError(f"fdiv_max_iter must be >= 1, got {self.fdiv_max_iter}.")
-
-
-def _resolve_reference(reference: Union[str, float, Tensor]) -> Union[str, float, Tensor]:
-    if _is_reference_file(reference):
-        q = torch.load(reference, map_location="cpu", weights_only=True)
-        if not isinstance(q, Tensor):
-            raise ValueError(f"{reference} does not contain a tensor (got {type(q).__name__}).")
-        return q
-    return reference
 
 
 class FDivTrainerMixin:
@@ -118,7 +54,7 @@ class FDivTrainerMixin:
         spec = divergence if divergence is not None else getattr(args, "divergence", "alpha:1.5")
         self.fdiv_divergence: FDivergence = get_divergence(spec)
         ref = reference if reference is not None else getattr(args, "reference", "unit")
-        self.fdiv_reference = _resolve_reference(ref)
+        self.fdiv_reference = load_reference(ref)
         self._check_reference_size()
         self.fdiv_max_iter = getattr(args, "fdiv_max_iter", None)
         self.fdiv_fused = bool(getattr(args, "fdiv_fused", True))
