@@ -296,3 +296,15 @@ def test_teacher_from_path_with_init_kwargs(tok, tmp_path):
     assert all(not p.requires_grad for p in tr.teacher_model.parameters())
     assert torch.equal(tr.teacher_model.lm_head.weight, teacher.lm_head.weight)
     tr.train()
+
+
+def test_stored_topk_from_another_vocabulary_is_refused():
+    from hf_fdiv.trainers.teacher import TopKLogProbs
+
+    ids = torch.tensor([[[0, 5], [1, 9]]])
+    lp = torch.log(torch.tensor([[[0.6, 0.3], [0.5, 0.4]]]))
+    with pytest.raises(ValueError, match="ids reach 9 but the student has 8 classes"):
+        TopKLogProbs(ids, lp, num_classes=8, temperature=1.0)
+    full = TopKLogProbs(ids, lp, num_classes=10, temperature=1.0)(torch.tensor([0, 1]))
+    torch.testing.assert_close(full.exp().sum(-1), torch.ones(2))
+    assert abs(float(full[0, 5].exp()) - 0.3) < 1e-6

@@ -114,14 +114,15 @@ class TopKLogProbs:
         k = self.ids.shape[-1]
         if k > num_classes:
             raise ValueError(f"stored teacher top-k has k={k} > V={num_classes} classes.")
+        largest = int(self.ids.max()) if self.ids.numel() else -1  # checked once per batch, not per chunk
+        if largest >= num_classes:
+            raise ValueError(
+                f"stored teacher top-k ids reach {largest} but the student has {num_classes} classes: "
+                "the columns were computed with another vocabulary."
+            )
 
     def __call__(self, rows) -> Tensor:
         ids, lp = self.ids[rows], self.logprobs[rows]
-        if bool((ids >= self.num_classes).any()):
-            raise ValueError(
-                f"stored teacher top-k ids reach {int(ids.max())} but the student has {self.num_classes} classes: "
-                "the columns were computed with another vocabulary."
-            )
         k = ids.shape[-1]
         rest = torch.full((ids.shape[0], 1), -math.inf, dtype=lp.dtype, device=lp.device)
         if k < self.num_classes:
