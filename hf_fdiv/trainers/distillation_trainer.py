@@ -27,7 +27,8 @@ from ..solver import RowProvider
 from .mixin import IGNORE_INDEX, LossInputs
 from .sft_trainer import FDivSFTConfig, FDivSFTTrainer
 from .teacher import TOPK_IDS, TOPK_LOGPROBS, TeacherLogProbs, TopKLogProbs, common_vocab, load_teacher
-from .teacher import pad_topk, vocab_rows
+from .loss_path import output_rows
+from .teacher import pad_topk
 
 TEACHER_MODES = ("target", "reference")
 _MODE_TEXT = {
@@ -128,17 +129,17 @@ class FDivDistillationTrainer(FDivSFTTrainer):
         super().__init__(model=model, args=args, **kwargs)
         tokenizer = self.processing_class
         tok_len = len(tokenizer) if tokenizer is not None and hasattr(tokenizer, "__len__") else None
-        student_rows = vocab_rows(self.accelerator.unwrap_model(self.model))
+        student_rows = output_rows(self.accelerator.unwrap_model(self.model))
         self.num_classes = student_rows
         self.teacher_model = None
         self._teacher_description = "stored top-k log-probabilities (offline teacher)"
         if teacher is not None:
-            self.num_classes = common_vocab(student_rows, vocab_rows(teacher), tok_len)
+            self.num_classes = common_vocab(student_rows, output_rows(teacher), tok_len)
             name = getattr(teacher.config, "_name_or_path", "") or f"a `{type(teacher).__name__}` built in code"
             self._teacher_description = name
             teacher.eval()
             teacher.requires_grad_(False)
-            self.teacher_model = self.accelerator.prepare_model(teacher, evaluation_mode=True)
+            self.teacher_model = self._prepare_teacher(teacher)
             self.teacher_model.eval()  # prepare_model leaves it in training mode
         if self._offline:
             base = self.data_collator
@@ -146,6 +147,19 @@ class FDivDistillationTrainer(FDivSFTTrainer):
         self._policy_rng = random.Random(args.seed)
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags([f"teacher-{args.teacher_mode}"])
+
+    def _prepare_teacher(self, teacher):
+        """As TRL prepares reference models: sharded like the student under DeepSpeed ZeRO-3 / FSDP (a
+        teacher larger than one device), in eval mode without gradients; placed on the device otherwise."""
+        if self.is_deepspeed_enabled:
+            from trl.models.utils import prepare_deepspeed
+
+            return prepare_deepspeed(teacher, self.accelerator)
+        if self.is_fsdp_enabled:
+            from trl.models.utils import prepare_fsdp
+
+            return prepare_fsdp(teacher, self.accelerator)
+        return self.accelerator.prepare_model(teacher, evaluation_mode=True)
 
     # ------------------------------------------------------------------ loss
     def _teacher_log_probs(self, inputs: dict):
@@ -155,7 +169,8 @@ class FDivDistillationTrainer(FDivSFTTrainer):
         if self.teacher_model is None:
             raise ValueError("this batch has no teacher top-k columns and the trainer has no teacher model.")
         model_inputs = {k: v for k, v in inputs.items() if k not in self._fdiv_batch_keys}
-        return TeacherLogProbs(self.teacher_model, model_inputs, self.num_classes, T, out_device=inputs["input_ids"].device)
+        return TeacherLogProbs(self.teacher_model, model_inputs, self.num_classes, T, out_device=inputs["input_ids"].device,
+                               unwrapped=self.accelerator.unwrap_model(self.teacher_model))
 
     def fdiv_num_classes(self, vocab_rows: int) -> int:
         return self.num_classes

@@ -7,7 +7,9 @@ argmax); :func:`metric_sums` turns those into the sums the trainer logs.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -19,7 +21,18 @@ from ..fused import LogitTransform, fused_linear_fdiv_loss
 from ..losses import IGNORE_INDEX, RowStats, check_targets, fdiv_loss_rows
 from ..solver import RowProvider, as_rows, flatten_reference, prepare_reference
 
-__all__ = ["LossInputs", "LossSettings", "fdiv_token_loss", "fused_head", "metric_sums", "METRIC_KEYS"]
+__all__ = [
+    "LossInputs",
+    "LossSettings",
+    "fdiv_token_loss",
+    "fused_head",
+    "metric_sums",
+    "run_inside_forward",
+    "gathered_parameters",
+    "head_weight_problem",
+    "output_rows",
+    "METRIC_KEYS",
+]
 
 #: what :func:`metric_sums` returns, in order
 METRIC_KEYS = ("support", "entropy", "correct", "count", "nonfinite")
@@ -95,8 +108,106 @@ def _loss_from_logits(logits, targets, make_inputs, num_classes, settings: LossS
     return per_row.sum(), stats, spec
 
 
-def _loss_fused(model, model_inputs, targets, make_inputs, num_classes_of, settings: LossSettings, parts):
+def run_inside_forward(wrapper, module, fn):
+    """``fn()`` run as the forward of ``wrapper`` (DDP, FSDP, a DeepSpeed engine) around ``module``.
+
+    A fused loss reads the LM head's weight directly. Inside the wrapper's forward the engine has gathered
+    the parameters (FSDP's root unit, ZeRO-3's hooks) and arms its backward hooks on what the forward
+    returns, so the head's gradient is reduced by the engine as usual. ``fn`` takes no arguments (it
+    closes over its inputs), so nothing is cast or moved by the wrapper. Without a wrapper: ``fn()``."""
+    if wrapper is module:
+        return fn()
+    had_own_forward = "forward" in module.__dict__
+    original = module.forward
+
+    def forward(*args, **kwargs):
+        _restore_forward(module, original, had_own_forward)  # fn may call the module's real forward
+        return fn()
+
+    module.forward = forward
+    try:
+        return wrapper()
+    finally:
+        _restore_forward(module, original, had_own_forward)
+
+
+def _restore_forward(module, original, had_own_forward: bool) -> None:
+    if had_own_forward:
+        module.forward = original
+    else:
+        module.__dict__.pop("forward", None)
+
+
+def gathered_parameters(*params):
+    """A context in which ZeRO-3 partitioned parameters are whole (a null context otherwise)."""
+    params = [p for p in params if p is not None and getattr(p, "ds_id", None) is not None]
+    try:
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+    except ImportError:  # pragma: no cover
+        return contextlib.nullcontext()
+    if not params or not is_deepspeed_zero3_enabled():
+        return contextlib.nullcontext()
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    # already gathered (tied embeddings keep the weight available): leave it to its owner
+    unique = {id(p): p for p in params if p.ds_status != ZeroParamStatus.AVAILABLE}
+    return deepspeed.zero.GatheredParameters(list(unique.values())) if unique else contextlib.nullcontext()
+
+
+def head_weight_problem(weight) -> Optional[str]:
+    """Why the fused loss cannot read this LM head weight directly, or None when it can."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        DTensor = ()
+    if isinstance(weight, DTensor):
+        return "the LM head weight is a DTensor (FSDP2 shards the head as its own unit, outside the root)"
+    if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.numel() == 0:
+        shape = tuple(weight.shape) if isinstance(weight, Tensor) else None
+        return f"the LM head weight is not a whole [V, H] matrix here (shape {shape}: a shard or a flat parameter)"
+    return None
+
+
+def output_rows(model) -> int:
+    """Rows of the model's output layer (the classes of its logits), read without touching a possibly
+    partitioned weight: DeepSpeed's ``ds_shape``, a whole 2-D weight, else ``config.vocab_size``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    shape = getattr(weight, "ds_shape", None)
+    if shape is None and isinstance(weight, Tensor) and weight.dim() == 2 and weight.numel() > 0:
+        shape = weight.shape
+    if shape is not None and len(shape) == 2:
+        return int(shape[0])
+    config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    return int(config.vocab_size)
+
+
+_warned: set = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+def _fused_inside_forward(unwrapped, model_inputs, targets, make_inputs, num_classes_of, settings, parts):
+    """The model's forward with the logits of one position, then the fused loss on its last hidden
+    states (run inside the wrapper's forward, see :func:`run_inside_forward`). Where the head's weight
+    cannot be read whole (see :func:`head_weight_problem`), the model's own forward gives the logits."""
     backbone, head, config = parts
+    bias = getattr(head, "bias", None)
+    # a ZeRO-3 parameter (ds_id) is whole under gathered_parameters; others must be whole already
+    problem = None if getattr(head.weight, "ds_id", None) is not None else head_weight_problem(head.weight)
+    if problem is not None:
+        _warn_once(f"hf_fdiv: {problem}; using the materialised logits instead of the fused LM-head loss.")
+        outputs = unwrapped(**model_inputs)
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        loss_sum, stats, spec = _loss_from_logits(logits, targets, make_inputs, num_classes_of(logits.shape[-1]),
+                                                  settings)
+        return outputs, loss_sum, stats, spec
     captured = {}
 
     def grab(module, args, output):
@@ -104,35 +215,38 @@ def _loss_fused(model, model_inputs, targets, make_inputs, num_classes_of, setti
 
     handle = backbone.register_forward_hook(grab)
     try:
-        # Through the (possibly DDP-wrapped) model, computing the logits of one position only.
-        outputs = model(**model_inputs, logits_to_keep=1)
+        outputs = unwrapped(**model_inputs, logits_to_keep=1)
     finally:
         handle.remove()
     hidden = captured["h"]
-    V = num_classes_of(head.weight.shape[0])
-    spec = make_inputs(targets.to(hidden.device), V)
-    reference = spec.reference
-    if isinstance(reference, Tensor) and reference.dim() > 1:  # per-position q: serve it by rows
-        q_rows = reference.expand(*targets.shape, V).reshape(-1, V)
-        reference = RowProvider(lambda r: q_rows[r])
-    weight = head.weight[:V] if head.weight.shape[0] != V else head.weight
-    bias = getattr(head, "bias", None)
-    bias = bias[:V] if bias is not None and bias.shape[0] != V else bias
-    loss_sum, stats = fused_linear_fdiv_loss(
-        hidden.reshape(-1, hidden.shape[-1]), weight, spec.target, settings.divergence, reference, bias=bias,
-        transform=LogitTransform.from_config(config), max_iter=settings.max_iter, rows=spec.rows,
-        skip_nonfinite=settings.skip_nonfinite, return_stats=True,
-    )
+    with gathered_parameters(head.weight, bias):
+        V = num_classes_of(head.weight.shape[0])
+        spec = make_inputs(targets.to(hidden.device), V)
+        reference = spec.reference
+        if isinstance(reference, Tensor) and reference.dim() > 1:  # per-position q: serve it by rows
+            q_rows = reference.expand(*targets.shape, V).reshape(-1, V)
+            reference = RowProvider(lambda r: q_rows[r])
+        weight = head.weight[:V] if head.weight.shape[0] != V else head.weight
+        bias = bias[:V] if bias is not None and bias.shape[0] != V else bias
+        loss_sum, stats = fused_linear_fdiv_loss(
+            hidden.reshape(-1, hidden.shape[-1]), weight, spec.target, settings.divergence, reference, bias=bias,
+            transform=LogitTransform.from_config(config), max_iter=settings.max_iter, rows=spec.rows,
+            skip_nonfinite=settings.skip_nonfinite, return_stats=True,
+        )
     return outputs, loss_sum, stats, spec
 
 
 def fdiv_token_loss(model, model_inputs: dict, targets: Tensor, make_inputs, num_classes_of, settings: LossSettings,
-                    fused_parts=None):
+                    fused_parts=None, unwrapped=None):
     """Run the model and the loss. ``make_inputs(targets, V)`` gives the :class:`LossInputs`;
-    ``num_classes_of(head_rows)`` the classes the loss is over. Returns (outputs, loss_sum, metric sums)."""
+    ``num_classes_of(head_rows)`` the classes the loss is over. With ``fused_parts`` (see
+    :func:`fused_head`) the loss is fused with the LM head and runs inside the forward of ``model``
+    (the engine's wrapper around ``unwrapped``). Returns (outputs, loss_sum, metric sums)."""
     if fused_parts is not None:
-        outputs, loss_sum, stats, spec = _loss_fused(
-            model, model_inputs, targets, make_inputs, num_classes_of, settings, fused_parts
+        outputs, loss_sum, stats, spec = run_inside_forward(
+            model, unwrapped if unwrapped is not None else model,
+            lambda: _fused_inside_forward(unwrapped if unwrapped is not None else model, model_inputs, targets,
+                                          make_inputs, num_classes_of, settings, fused_parts),
         )
     else:
         outputs = model(**model_inputs)

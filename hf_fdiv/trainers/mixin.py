@@ -20,7 +20,7 @@ from ..losses import IGNORE_INDEX
 from ..solver import NonFiniteLogitsError
 from . import model_card
 from .arguments import FDivLossArguments, load_reference
-from .loss_path import METRIC_KEYS, LossInputs, LossSettings, fdiv_token_loss, fused_head
+from .loss_path import METRIC_KEYS, LossInputs, LossSettings, fdiv_token_loss, fused_head, output_rows
 
 __all__ = ["FDivLossArguments", "FDivTrainerMixin", "LossInputs", "IGNORE_INDEX"]
 
@@ -77,11 +77,8 @@ class FDivTrainerMixin:
         ref = self.fdiv_reference
         if not isinstance(ref, Tensor):
             return
-        model = self.accelerator.unwrap_model(self.model)
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-        V = head.weight.shape[0] if head is not None and hasattr(head, "weight") else getattr(base.config, "vocab_size", None)
-        if ref.dim() != 1 or (V is not None and ref.shape[0] != V):
+        V = output_rows(self.accelerator.unwrap_model(self.model))
+        if ref.dim() != 1 or ref.shape[0] != V:
             raise ValueError(
                 f"reference tensor has shape {tuple(ref.shape)} but the model has V={V} output classes: pass a [V] "
                 "class prior (per-token references come from a teacher, see FDivDistillationTrainer)."
@@ -134,7 +131,7 @@ class FDivTrainerMixin:
         try:
             outputs, loss_sum, sums = fdiv_token_loss(
                 model, model_inputs, targets, lambda t, V: self.fdiv_loss_spec(t, inputs, V), self.fdiv_num_classes,
-                settings, parts,
+                settings, parts, unwrapped=self.accelerator.unwrap_model(model),
             )
         except NonFiniteLogitsError as err:
             where = self._fdiv_where(mode)

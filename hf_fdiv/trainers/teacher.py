@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ..fused import LogitTransform
 from ..solver import work_chunk_rows
+from .loss_path import gathered_parameters, head_weight_problem, output_rows, run_inside_forward
 
 TOPK_IDS = "teacher_topk_ids"
 TOPK_LOGPROBS = "teacher_topk_logprobs"
@@ -35,13 +36,6 @@ def load_teacher(teacher: Any, init_kwargs: Optional[dict] = None):
     if isinstance(dtype, str) and dtype != "auto":
         kwargs["dtype"] = getattr(torch, dtype)
     return AutoModelForCausalLM.from_pretrained(teacher, **kwargs)
-
-
-def vocab_rows(model) -> int:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is not None and getattr(head, "weight", None) is not None:
-        return int(head.weight.shape[0])
-    return int(model.config.vocab_size)
 
 
 def common_vocab(student_rows: int, teacher_rows: int, tokenizer_len: Optional[int]) -> int:
@@ -63,30 +57,43 @@ def common_vocab(student_rows: int, teacher_rows: int, tokenizer_len: Optional[i
 class TeacherLogProbs:
     """Teacher log-probabilities at temperature T for rows of the flattened [B*T] token grid.
 
-    The backbone runs once (no grad); ``__call__(rows)`` projects only those rows through the head in
-    fp32. Falls back to one full forward for models without the backbone + head layout."""
+    The backbone runs once (no grad) and a whole fp32 copy of the head is taken, both inside the
+    teacher wrapper's forward (``teacher``, e.g. FSDP or a DeepSpeed engine around ``unwrapped``), where
+    a sharded teacher's parameters are gathered; ``__call__(rows)`` projects only those rows through the
+    head. Falls back to one full forward for models without the backbone + head layout, or whose head
+    is not readable whole (a DTensor shard)."""
 
-    def __init__(self, teacher, model_inputs: dict, num_classes: int, temperature: float, out_device=None):
+    def __init__(self, teacher, model_inputs: dict, num_classes: int, temperature: float, out_device=None,
+                 unwrapped=None):
+        unwrapped = teacher if unwrapped is None else unwrapped
         self.num_classes = num_classes
         self.temperature = float(temperature)
         # The teacher may live on another device than the student: inputs go there, results come back.
-        self.device = next(teacher.parameters()).device
+        self.device = next(unwrapped.parameters()).device
         self.out_device = out_device
         inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in model_inputs.items() if k != "use_cache"}
-        head = teacher.get_output_embeddings() if hasattr(teacher, "get_output_embeddings") else None
-        backbone = getattr(teacher, "base_model", None)
+        head = unwrapped.get_output_embeddings() if hasattr(unwrapped, "get_output_embeddings") else None
+        backbone = getattr(unwrapped, "base_model", None)
+        split = head is not None and backbone is not None and backbone is not unwrapped
+
+        def forward():
+            weight = getattr(head, "weight", None)  # read here: inside the forward a sharded head is gathered
+            whole = split and weight is not None and (
+                getattr(weight, "ds_id", None) is not None or head_weight_problem(weight) is None
+            )
+            if not whole:
+                out = unwrapped(**inputs, use_cache=False)
+                return None, None, None, out.logits.reshape(-1, out.logits.shape[-1])[:, :num_classes]
+            hidden = backbone(**inputs, use_cache=False).last_hidden_state
+            bias = getattr(head, "bias", None)
+            with gathered_parameters(head.weight, bias):  # copies: shards are freed after the forward
+                w = head.weight[:num_classes].to(torch.float32, copy=True)
+                b = None if bias is None else bias[:num_classes].to(torch.float32, copy=True)
+            return hidden.reshape(-1, hidden.shape[-1]), w, b, None
+
         with torch.no_grad():
-            if head is not None and backbone is not None and backbone is not teacher and hasattr(head, "weight"):
-                hidden = backbone(**inputs, use_cache=False).last_hidden_state
-                self.hidden = hidden.reshape(-1, hidden.shape[-1])
-                self.weight = head.weight[:num_classes].float()
-                bias = getattr(head, "bias", None)
-                self.bias = bias[:num_classes].float() if bias is not None else None
-                self.logits = None
-            else:
-                out = teacher(**inputs, use_cache=False)
-                self.logits = out.logits.reshape(-1, out.logits.shape[-1])[:, :num_classes]
-        self.transform = LogitTransform.from_config(teacher.config)
+            self.hidden, self.weight, self.bias, self.logits = run_inside_forward(teacher, unwrapped, forward)
+        self.transform = LogitTransform.from_config(unwrapped.config)
 
     def __call__(self, rows) -> Tensor:
         if torch.is_tensor(rows):
@@ -153,7 +160,7 @@ def add_teacher_topk(
     device = next(teacher.parameters()).device
     was_training = teacher.training
     teacher.eval()
-    V = vocab_rows(teacher)
+    V = output_rows(teacher)
     if not (1 <= k <= V):
         raise ValueError(f"k must be in [1, {V}], got {k}.")
 
