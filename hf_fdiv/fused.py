@@ -7,7 +7,8 @@ d loss / d logits = p - y is pushed through the head at once,
 
     grad_h = (p - y) W,        grad_W += (p - y)^T h,        grad_b += sum (p - y),
 
-all during the forward pass; the backward only rescales them (the output is a scalar sum).
+all during the forward pass; the backward only rescales them (the output is a scalar sum): in place
+when the backward frees the graph, as copies when it is retained (``retain_graph=True``, gradcheck).
 For sparse f (alpha > 1) p - y has a handful of non-zeros per token: both products use only those
 columns of W (exact, like Cut Cross-Entropy's gradient filtering but with no threshold), so the
 backward costs O(tokens x support x H) instead of O(tokens x V x H).
@@ -27,6 +28,7 @@ from torch import Tensor
 from .divergences import DivergenceSpec, FDivergence, get_divergence
 from .losses import IGNORE_INDEX, RowStats, check_target_ids, onehot_loss, soft_target_loss
 from .solver import RowProvider, prepare_reference, rows_per_chunk, solve_rows, solver_backend
+from .solver.grad_buffer import first_order_only, freed_error, graph_retained, scale_all
 
 __all__ = ["fused_linear_fdiv_loss", "LogitTransform", "FUSED_CHUNK_ELEMENTS", "FUSED_DEVICE_CHUNK_ELEMENTS"]
 
@@ -269,11 +271,16 @@ class FusedLinearFDivFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
+        # In place when this backward frees the graph, scaled copies when it is retained
+        # (hf_fdiv.solver.grad_buffer): any number of backward calls, no extra memory in the common case.
+        first_order_only("fused_linear_fdiv_loss")
         grads = ctx.grads
         if grads is None:
-            raise RuntimeError("fused_linear_fdiv_loss backward ran twice: recompute the loss instead of retain_graph.")
-        ctx.grads = None
-        out = [None if g is None else g.mul_(grad_out.to(g.dtype)) for g in grads]
+            raise freed_error("fused_linear_fdiv_loss")
+        keep = graph_retained()
+        if not keep:
+            ctx.grads = None
+        out = [scale_all(g, grad_out, not keep) for g in grads]
         return out[0], out[1], out[2], None
 
 

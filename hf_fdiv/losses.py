@@ -13,7 +13,8 @@ When f(0) = +inf (``reverse_kl``) the constant D_f(y, q) is infinite for targets
 infinite terms are dropped (the gradient is unchanged, the value is no longer >= 0).
 
 Gradients are computed in the forward pass into one buffer of the logits' dtype (p - y, sparse for
-sparse f); the backward only rescales it. Nothing else [N, V] is kept. The metrics the trainers log
+sparse f); the backward only rescales it (in place unless the graph is retained,
+:mod:`hf_fdiv.solver.grad_buffer`). Nothing else [N, V] is kept. The metrics the trainers log
 come back as per-row :class:`RowStats`, never as bookkeeping inside the math.
 """
 
@@ -43,6 +44,7 @@ from .solver import (
     sum_q_bregman,
     work_chunk_rows,
 )
+from .solver.grad_buffer import first_order_only, freed_error, graph_retained, scale_rows
 
 __all__ = [
     "fdiv_loss",
@@ -157,8 +159,10 @@ class FDivLossFunction(torch.autograd.Function):
     RowProvider of distributions), plus :class:`RowStats` fields (not differentiable).
 
     Forward solves f-softargmax, writes p - y into the gradient buffer and returns the per-row loss
-    (0 for rows not in ``rows``). Backward scales the buffer in place by the incoming gradient: it can
-    run once (like Liger's fused losses); a second backward through the same graph raises.
+    (0 for rows not in ``rows``). Backward multiplies the buffer by the incoming gradient: in place when
+    the backward frees the graph (no [N, V] allocation), into a copy when the graph is retained, so
+    ``retain_graph=True`` and ``torch.autograd.gradcheck`` work (:mod:`hf_fdiv.solver.grad_buffer`).
+    First derivatives only: a double backward raises.
     """
 
     @staticmethod
@@ -218,26 +222,22 @@ class FDivLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_losses, *unused):
+        first_order_only("fdiv_loss")
         return _scaled_gradient(ctx, grad_losses), None, None, None, None, None
 
 
-def _scaled_gradient(ctx, grad_losses: Tensor) -> Tensor:
-    """The p - y buffer computed in forward, scaled in place by d loss_i (rows); once only."""
+def _scaled_gradient(ctx, grad_losses: Tensor, name: str = "fdiv_loss") -> Tensor:
+    """The p - y buffer computed in forward, times d loss_i (rows): scaled in place and released when this
+    backward frees the graph, a scaled copy when the graph is kept (:mod:`hf_fdiv.solver.grad_buffer`)."""
+    if not ctx.needs_input_grad[0]:
+        return None
     grad = ctx.grad_buffer
     if grad is None:
-        raise RuntimeError(
-            "fdiv_loss backward ran twice through the same graph: its gradient buffer is scaled in place "
-            "and released after the first backward. Recompute the loss instead of retain_graph=True."
-        )
-    ctx.grad_buffer = None
-    if grad.dtype in (torch.float32, torch.float64):
-        return grad.mul_(grad_losses.to(grad.dtype)[:, None])
-    N, V = grad.shape  # scale low-precision gradients in fp32, chunk by chunk
-    step = work_chunk_rows(grad, V)
-    for a in range(0, N, step):
-        sl = slice(a, min(N, a + step))
-        grad[sl] = grad[sl].float() * grad_losses[sl].float()[:, None]
-    return grad
+        raise freed_error(name)
+    keep = graph_retained()
+    if not keep:
+        ctx.grad_buffer = None  # released before returning: the caller may keep the buffer itself
+    return scale_rows(grad, grad_losses, not keep, work_chunk_rows(grad, grad.shape[1]))
 
 
 class TritonFYLossFunction(torch.autograd.Function):
@@ -269,6 +269,7 @@ class TritonFYLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_losses):
+        first_order_only("fdiv_loss")
         return _scaled_gradient(ctx, grad_losses), None, None, None, None, None
 
 
