@@ -623,7 +623,23 @@ def get_divergence(spec: DivergenceSpec) -> FDivergence:
             if alpha == 1.0:
                 return KL()
             return AlphaDivergence(alpha)
+    suggestion = _closest_spec(key)
+    hint = f" Did you mean {suggestion!r}?" if suggestion else ""
     raise ValueError(
-        f"unknown divergence {spec!r}. Known names: {', '.join(available_divergences())}; "
+        f"unknown divergence {spec!r}.{hint} Known names: {', '.join(available_divergences())}; "
         "or pass an FDivergence object (subclass it or use FDivergence.from_functions)."
     )
+
+
+def _closest_spec(key: str) -> Optional[str]:
+    """The known spec closest to a mistyped one: 'alpha1.5' / 'alpha-1.5' / 'alpha 1.5' -> 'alpha:1.5',
+    else the nearest name or alias by edit similarity (difflib)."""
+    import difflib
+    import re
+
+    m = re.fullmatch(r"(?:alpha|a|entmax|tsallis)[^0-9.]*([0-9]*\.?[0-9]+)", key)
+    if m and float(m.group(1)) > 0:
+        return f"alpha:{m.group(1)}"
+    names = sorted(set(_NAMED) | set(_ALIASES))
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    return _ALIASES.get(close[0], close[0]) if close else None
