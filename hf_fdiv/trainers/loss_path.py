@@ -109,26 +109,37 @@ def _loss_from_logits(logits, targets, make_inputs, num_classes, settings: LossS
 
 
 def run_inside_forward(wrapper, module, fn):
-    """``fn()`` run as the forward of ``wrapper`` (DDP, FSDP, a DeepSpeed engine) around ``module``.
+    """``fn(run_module)`` run as the forward of ``wrapper`` (DDP, FSDP, a DeepSpeed engine) around ``module``.
 
     A fused loss reads the LM head's weight directly. Inside the wrapper's forward the engine has gathered
     the parameters (FSDP's root unit, ZeRO-3's hooks) and arms its backward hooks on what the forward
-    returns, so the head's gradient is reduced by the engine as usual. ``fn`` takes no arguments (it
-    closes over its inputs), so nothing is cast or moved by the wrapper. Without a wrapper: ``fn()``."""
-    if wrapper is module:
-        return fn()
+    returns, so the head's gradient is reduced by the engine as usual. ``fn`` closes over its inputs,
+    so nothing is cast or moved by the wrapper; it gets ``run_module(**inputs)``, the module's own
+    forward without running the module's hooks a second time (FSDP2 would reshard the root after a
+    nested call). FSDP2 shards the module in place (no wrapper): it is redirected through its own
+    hooks too. Any other unwrapped module: ``fn(module)``."""
+    if wrapper is module and not _is_fsdp2(module):
+        return fn(module)
     had_own_forward = "forward" in module.__dict__
     original = module.forward
 
     def forward(*args, **kwargs):
         _restore_forward(module, original, had_own_forward)  # fn may call the module's real forward
-        return fn()
+        return fn(original)
 
     module.forward = forward
     try:
         return wrapper()
     finally:
         _restore_forward(module, original, had_own_forward)
+
+
+def _is_fsdp2(module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(module, FSDPModule)
 
 
 def _restore_forward(module, original, had_own_forward: bool) -> None:
@@ -193,7 +204,7 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
-def _fused_inside_forward(unwrapped, model_inputs, targets, make_inputs, num_classes_of, settings, parts):
+def _fused_inside_forward(run_model, model_inputs, targets, make_inputs, num_classes_of, settings, parts):
     """The model's forward with the logits of one position, then the fused loss on its last hidden
     states (run inside the wrapper's forward, see :func:`run_inside_forward`). Where the head's weight
     cannot be read whole (see :func:`head_weight_problem`), the model's own forward gives the logits."""
@@ -203,7 +214,7 @@ def _fused_inside_forward(unwrapped, model_inputs, targets, make_inputs, num_cla
     problem = None if getattr(head.weight, "ds_id", None) is not None else head_weight_problem(head.weight)
     if problem is not None:
         _warn_once(f"hf_fdiv: {problem}; using the materialised logits instead of the fused LM-head loss.")
-        outputs = unwrapped(**model_inputs)
+        outputs = run_model(**model_inputs)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         loss_sum, stats, spec = _loss_from_logits(logits, targets, make_inputs, num_classes_of(logits.shape[-1]),
                                                   settings)
@@ -215,7 +226,7 @@ def _fused_inside_forward(unwrapped, model_inputs, targets, make_inputs, num_cla
 
     handle = backbone.register_forward_hook(grab)
     try:
-        outputs = unwrapped(**model_inputs, logits_to_keep=1)
+        outputs = run_model(**model_inputs, logits_to_keep=1)
     finally:
         handle.remove()
     hidden = captured["h"]
@@ -245,8 +256,8 @@ def fdiv_token_loss(model, model_inputs: dict, targets: Tensor, make_inputs, num
     if fused_parts is not None:
         outputs, loss_sum, stats, spec = run_inside_forward(
             model, unwrapped if unwrapped is not None else model,
-            lambda: _fused_inside_forward(unwrapped if unwrapped is not None else model, model_inputs, targets,
-                                          make_inputs, num_classes_of, settings, fused_parts),
+            lambda run_model: _fused_inside_forward(run_model, model_inputs, targets, make_inputs, num_classes_of,
+                                                    settings, fused_parts),
         )
     else:
         outputs = model(**model_inputs)

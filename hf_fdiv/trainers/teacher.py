@@ -76,13 +76,13 @@ class TeacherLogProbs:
         backbone = getattr(unwrapped, "base_model", None)
         split = head is not None and backbone is not None and backbone is not unwrapped
 
-        def forward():
+        def forward(run_model):
             weight = getattr(head, "weight", None)  # read here: inside the forward a sharded head is gathered
             whole = split and weight is not None and (
                 getattr(weight, "ds_id", None) is not None or head_weight_problem(weight) is None
             )
             if not whole:
-                out = unwrapped(**inputs, use_cache=False)
+                out = run_model(**inputs, use_cache=False)
                 return None, None, None, out.logits.reshape(-1, out.logits.shape[-1])[:, :num_classes]
             hidden = backbone(**inputs, use_cache=False).last_hidden_state
             bias = getattr(head, "bias", None)
