@@ -6,7 +6,10 @@
     hf-fdiv teacher-topk --teacher_model_name_or_path T --dataset_name D --k 64 --output_dir O
     hf-fdiv demo         [--steps N] [--output_dir O] [--student_hidden 128] ...
 
-Every command accepts ``--help`` and ``--config file.yaml``; flags override the YAML. Multi-process:
+Every command accepts ``--help`` (hf_fdiv's own options are listed first) and ``--config file.yaml``;
+flags override the YAML. ``--bf16`` defaults to ``auto`` (on with a bf16-capable CUDA GPU, else off).
+Evaluation (``--eval_strategy steps``) uses ``--dataset_test_split`` when the data has it, else
+``--eval_split_size 0.1`` (held out of the training split) or ``--eval_dataset_name FILE``. Multi-process:
 ``accelerate launch --config_file examples/accelerate_configs/cpu_2proc.yaml -m hf_fdiv.cli sft ...``.
 ``--dataset_name`` may be a Hub name (only when online), a local data file (.json/.jsonl/.csv/.parquet),
 a folder of data files, or a ``save_to_disk`` folder.
@@ -14,9 +17,10 @@ a folder of data files, or a ``save_to_disk`` folder.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 COMMANDS = ("sft", "distill", "teacher-topk", "demo")
@@ -54,19 +58,139 @@ class TopKArguments:
     batch_size: int = field(default=8, metadata={"help": "Teacher batch size."})
 
 
+@functools.cache
+def script_arguments_class():
+    """TRL's ``ScriptArguments`` plus the evaluation-split options (built on first use: importing
+    this module stays cheap for ``hf-fdiv --help``)."""
+    from trl import ScriptArguments
+
+    @dataclass
+    class FDivScriptArguments(ScriptArguments):
+        eval_split_size: Optional[float] = field(
+            default=None,
+            metadata={"help": "Hold out this fraction (< 1) or number of rows (>= 1) of the training split for "
+                      "evaluation (seeded by --seed), e.g. when the data is one file without a test split."},
+        )
+        eval_dataset_name: Optional[str] = field(
+            default=None,
+            metadata={"help": "Separate evaluation data (local file/folder, or Hub name when online): its "
+                      "--dataset_test_split split, or its only split."},
+        )
+
+    return FDivScriptArguments
+
+
+def _own_option_names(dataclass_types) -> set:
+    """Options hf_fdiv adds to TRL's: listed first, in their own group, by ``--help``."""
+    from trl import ScriptArguments
+
+    from .trainers import FDivDistillationConfig, FDivSFTConfig
+    from .trainers.arguments import FDivLossArguments
+
+    names = {f.name for f in fields(FDivLossArguments)}
+    names |= {f.name for f in fields(FDivDistillationConfig)} - {f.name for f in fields(FDivSFTConfig)}
+    names |= {f.name for f in fields(script_arguments_class())} - {f.name for f in fields(ScriptArguments)}
+    if TopKArguments in dataclass_types:
+        names |= {f.name for f in fields(TopKArguments)}
+    return names
+
+
+def make_parser(dataclass_types, prog: str):
+    """A ``TrlParser`` whose ``--help`` lists hf_fdiv's options first, in their own group, then the
+    options of TRL / transformers (hundreds of them), with a short usage line."""
+    from trl import TrlParser
+
+    own = _own_option_names(tuple(dataclass_types))
+
+    class _Parser(TrlParser):
+        def _add_dataclass_arguments(self, dtype):
+            before = len(self._actions)
+            super()._add_dataclass_arguments(dtype)
+            group = getattr(self, "_fdiv_group", None)
+            if group is None:
+                group = self._fdiv_group = self.add_argument_group(
+                    "hf_fdiv options", "The f-divergence loss, distillation, evaluation split and Hub metadata.")
+                self._action_groups.remove(group)
+                self._action_groups.insert(0, group)
+                self._optionals.title = "TRL / transformers options (SFTConfig, ScriptArguments, ModelConfig)"
+            for action in self._actions[before:]:
+                if action.dest in own:
+                    for other in self._action_groups:
+                        if action in other._group_actions and other is not group:
+                            other._group_actions.remove(action)
+                    group._group_actions.append(action)
+
+    return _Parser(dataclass_types, prog=prog, usage="%(prog)s [-h] [--config CONFIG.yaml] [OPTIONS]",
+                   description="Options may also come from a YAML file given with --config (flags override it).")
+
+
+def train_eval_datasets(script_args, training_args):
+    """(train, eval or None) from the script arguments. Evaluation is on when ``eval_strategy`` is not
+    "no"; its data is ``--eval_dataset_name``, or ``--eval_split_size`` rows held out of the training
+    split, or the ``--dataset_test_split`` split. Errors say which splits exist and how to give one."""
+    from .trainers.checks import ConfigurationError
+
+    dataset = load_any_dataset(script_args.dataset_name, script_args.dataset_config)
+    name, train_split, test_split = script_args.dataset_name, script_args.dataset_train_split, script_args.dataset_test_split
+    if train_split not in dataset:
+        raise ConfigurationError(
+            f"{name!r} has no {train_split!r} split (its splits: {list(dataset)}): pass --dataset_train_split "
+            "with one of them."
+        )
+    train = dataset[train_split]
+    size, eval_name = script_args.eval_split_size, script_args.eval_dataset_name
+    if size is not None and eval_name is not None:
+        raise ConfigurationError("give either --eval_split_size or --eval_dataset_name, not both.")
+    if str(training_args.eval_strategy) in ("no", "IntervalStrategy.NO"):
+        if size is not None or eval_name is not None:
+            raise ConfigurationError(
+                "--eval_split_size / --eval_dataset_name give evaluation data, but evaluation is off "
+                "(--eval_strategy no): add --eval_strategy steps --eval_steps N (or --eval_strategy epoch)."
+            )
+        return train, None
+    if eval_name is not None:
+        extra = load_any_dataset(eval_name)
+        if test_split in extra:
+            return train, extra[test_split]
+        if len(extra) == 1:
+            return train, next(iter(extra.values()))
+        raise ConfigurationError(
+            f"--eval_dataset_name {eval_name!r} has splits {list(extra)} and none is {test_split!r}: pass "
+            "--dataset_test_split with one of them."
+        )
+    if size is not None:
+        if not size > 0 or (size >= 1 and size != int(size)):
+            raise ConfigurationError(f"--eval_split_size must be a fraction in (0, 1) or a row count >= 1, got {size}.")
+        test_size = int(size) if size >= 1 else size
+        if isinstance(test_size, int) and test_size >= len(train):
+            raise ConfigurationError(
+                f"--eval_split_size {test_size} leaves no training rows: {train_split!r} has {len(train)} rows."
+            )
+        parts = train.train_test_split(test_size=test_size, seed=training_args.seed)
+        return parts["train"], parts["test"]
+    if test_split in dataset:
+        return train, dataset[test_split]
+    raise ConfigurationError(
+        f"evaluation is on (--eval_strategy {training_args.eval_strategy}) but {name!r} has no {test_split!r} split "
+        f"(its splits: {list(dataset)}). Pass --eval_split_size 0.1 to hold out 10% of {train_split!r}, "
+        "--eval_dataset_name <file or folder> for separate data, --dataset_test_split <split> to use another split, "
+        "or --eval_strategy no."
+    )
+
+
 def _sft(argv):
-    from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
+    from trl import ModelConfig, get_peft_config
 
     from .trainers import FDivSFTConfig, FDivSFTTrainer
 
-    parser = TrlParser((ScriptArguments, FDivSFTConfig, ModelConfig), prog="hf-fdiv sft")
+    parser = make_parser((script_arguments_class(), FDivSFTConfig, ModelConfig), prog="hf-fdiv sft")
     script_args, training_args, model_args = parser.parse_args_and_config(argv)
-    dataset = load_any_dataset(script_args.dataset_name, script_args.dataset_config)
+    train, evaluation = train_eval_datasets(script_args, training_args)
     trainer = FDivSFTTrainer(
         model=model_args.model_name_or_path,
         args=training_args,
-        train_dataset=dataset[script_args.dataset_train_split],
-        eval_dataset=dataset[script_args.dataset_test_split] if training_args.eval_strategy != "no" else None,
+        train_dataset=train,
+        eval_dataset=evaluation,
         peft_config=get_peft_config(model_args),
     )
     _train_save_push(trainer, training_args, script_args.dataset_name)
@@ -74,14 +198,13 @@ def _sft(argv):
 
 def _distill(argv):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
+    from trl import ModelConfig, get_peft_config
 
     from .trainers import FDivDistillationConfig, FDivDistillationTrainer
 
-    parser = TrlParser((ScriptArguments, FDivDistillationConfig, ModelConfig), prog="hf-fdiv distill")
+    parser = make_parser((script_arguments_class(), FDivDistillationConfig, ModelConfig), prog="hf-fdiv distill")
     script_args, training_args, model_args = parser.parse_args_and_config(argv)
-    dataset = load_any_dataset(script_args.dataset_name, script_args.dataset_config)
-    train = dataset[script_args.dataset_train_split]
+    train, evaluation = train_eval_datasets(script_args, training_args)
     from .trainers.teacher import TOPK_IDS
 
     offline = TOPK_IDS in train.column_names
@@ -92,7 +215,7 @@ def _distill(argv):
         model=AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path),
         args=training_args,
         train_dataset=train,
-        eval_dataset=dataset[script_args.dataset_test_split] if training_args.eval_strategy != "no" else None,
+        eval_dataset=evaluation,
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
     )
@@ -104,7 +227,13 @@ def _train_save_push(trainer, training_args, dataset_name):
     trainer.save_model(training_args.output_dir)
     trainer.accelerator.print(f"Model and card saved to {training_args.output_dir}.")
     if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=dataset_name)
+        try:
+            trainer.push_to_hub(dataset_name=dataset_name)
+        except Exception as err:  # the Hub was reachable when the trainer was built, but not now
+            print(f"hf-fdiv: the push to the Hub failed ({type(err).__name__}: {str(err).strip()[:300]}); the model "
+                  f"and its card are saved in {training_args.output_dir}: upload them with "
+                  f"`hf upload {trainer.hub_model_id} {training_args.output_dir}`.", file=sys.stderr)
+            sys.exit(1)
         trainer.accelerator.print(f"Pushed to https://huggingface.co/{trainer.hub_model_id}.")
 
 
@@ -112,11 +241,10 @@ def _teacher_topk(argv):
     import tempfile
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import TrlParser
 
     from .trainers import FDivSFTConfig, FDivSFTTrainer, add_teacher_topk
 
-    parser = TrlParser((TopKArguments,), prog="hf-fdiv teacher-topk")
+    parser = make_parser((TopKArguments,), prog="hf-fdiv teacher-topk")
     (args,) = parser.parse_args_and_config(argv)
     teacher = AutoModelForCausalLM.from_pretrained(args.teacher_model_name_or_path)
     tok = AutoTokenizer.from_pretrained(args.tokenizer_name_or_path or args.teacher_model_name_or_path)
@@ -158,7 +286,13 @@ def main(argv=None) -> None:
         print(f"hf-fdiv: unknown command {command!r}; choose one of {', '.join(COMMANDS)} (see hf-fdiv --help).",
               file=sys.stderr)
         sys.exit(2)
-    handlers[command](rest)
+    from .trainers.checks import ConfigurationError
+
+    try:
+        handlers[command](rest)
+    except ConfigurationError as err:  # a wrong input: one line that says what to change, no traceback
+        print(f"hf-fdiv {command}: error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

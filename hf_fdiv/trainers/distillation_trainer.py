@@ -25,8 +25,9 @@ from torch import Tensor
 
 from ..solver import RowProvider
 from .mixin import IGNORE_INDEX, LossInputs
+from .reference_constant import ReferenceConstant
 from .sft_trainer import FDivSFTConfig, FDivSFTTrainer
-from .teacher import TOPK_IDS, TOPK_LOGPROBS, TeacherLogProbs, TopKLogProbs, common_vocab, load_teacher
+from .teacher import TOPK_IDS, TOPK_LOGPROBS, TeacherLogProbs, TopKLogProbs, common_vocab, load_teacher, prepare_teacher
 from .loss_path import output_rows
 from .teacher import pad_topk
 
@@ -137,9 +138,7 @@ class FDivDistillationTrainer(FDivSFTTrainer):
             self.num_classes = common_vocab(student_rows, output_rows(teacher), tok_len)
             name = getattr(teacher.config, "_name_or_path", "") or f"a `{type(teacher).__name__}` built in code"
             self._teacher_description = name
-            teacher.eval()
-            teacher.requires_grad_(False)
-            self.teacher_model = self._prepare_teacher(teacher)
+            self.teacher_model = prepare_teacher(teacher, self.accelerator)
             self.teacher_model.eval()  # prepare_model leaves it in training mode
         if self._offline:
             base = self.data_collator
@@ -147,19 +146,6 @@ class FDivDistillationTrainer(FDivSFTTrainer):
         self._policy_rng = random.Random(args.seed)
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags([f"teacher-{args.teacher_mode}"])
-
-    def _prepare_teacher(self, teacher):
-        """As TRL prepares reference models: sharded like the student under DeepSpeed ZeRO-3 / FSDP (a
-        teacher larger than one device), in eval mode without gradients; placed on the device otherwise."""
-        if self.is_deepspeed_enabled:
-            from trl.models.utils import prepare_deepspeed
-
-            return prepare_deepspeed(teacher, self.accelerator)
-        if self.is_fsdp_enabled:
-            from trl.models.utils import prepare_fsdp
-
-            return prepare_fsdp(teacher, self.accelerator)
-        return self.accelerator.prepare_model(teacher, evaluation_mode=True)
 
     # ------------------------------------------------------------------ loss
     def _teacher_log_probs(self, inputs: dict):
@@ -195,14 +181,24 @@ class FDivDistillationTrainer(FDivSFTTrainer):
 
             return LossInputs(RowProvider(target_rows), self._fdiv_reference_for(t.device), rows, t)
         floor, mix = args.reference_floor, args.reference_mix
+        constant = self._reference_constant = ReferenceConstant(self.fdiv_divergence, t, rows)  # logged, see below
 
         def reference_rows(r):
             q = teacher(r).exp_()
             if mix > 0:
                 q.mul_(1 - mix).add_(mix / V)
-            return q.clamp_(min=floor) if floor > 0 else q
+            q = q.clamp_(min=floor) if floor > 0 else q
+            constant.record(r, q)
+            return q
 
         return LossInputs(t, RowProvider(reference_rows), rows, None)
+
+    def _record_fdiv_metrics(self, mode: str, sums: Tensor, inputs: dict) -> None:
+        super()._record_fdiv_metrics(mode, sums, inputs)
+        # reference mode: D_f(e_c, q_teacher), the part of the loss no student changes (`reference_constant`)
+        constant, self._reference_constant = getattr(self, "_reference_constant", None), None
+        if constant is not None:
+            constant.log_to(self, mode)
 
     # ------------------------------------------------------------------ on-policy
     def get_batch_samples(self, epoch_iterator, num_batches, device):

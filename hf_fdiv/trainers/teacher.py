@@ -54,6 +54,24 @@ def common_vocab(student_rows: int, teacher_rows: int, tokenizer_len: Optional[i
     )
 
 
+def prepare_teacher(teacher, accelerator):
+    """The teacher as TRL prepares reference models: sharded like the student under DeepSpeed ZeRO-3 /
+    FSDP (a teacher larger than one device), in eval mode without gradients; placed on the device
+    otherwise. Returns the wrapper (or the model)."""
+    teacher.eval()
+    teacher.requires_grad_(False)
+    state = accelerator.state
+    if getattr(state, "deepspeed_plugin", None) is not None:
+        from trl.models.utils import prepare_deepspeed
+
+        return prepare_deepspeed(teacher, accelerator)
+    if getattr(state, "fsdp_plugin", None) is not None:
+        from trl.models.utils import prepare_fsdp
+
+        return prepare_fsdp(teacher, accelerator)
+    return accelerator.prepare_model(teacher, evaluation_mode=True)
+
+
 class TeacherLogProbs:
     """Teacher log-probabilities at temperature T for rows of the flattened [B*T] token grid.
 
@@ -146,6 +164,7 @@ def add_teacher_topk(
     k: int,
     batch_size: int = 8,
     pad_token_id: int = 0,
+    accelerator=None,
 ):
     """Store the teacher's top-k next-token log-probabilities (temperature 1) in dataset columns.
 
@@ -154,13 +173,18 @@ def add_teacher_topk(
     ``teacher_topk_logprobs``: one list of k entries per position, aligned with the logits (position i
     predicts token i + 1). Distil from them with no teacher in memory: pass the dataset to
     :class:`~hf_fdiv.FDivDistillationTrainer` without a teacher.
+
+    With ``accelerator`` (e.g. a trainer's, under ``accelerate launch``) the teacher is prepared like
+    the distillation trainer's: sharded under FSDP / DeepSpeed ZeRO-3, so a teacher larger than one
+    device works; every process computes the same columns.
     """
     if "input_ids" not in dataset.column_names:
         raise ValueError("add_teacher_topk needs a tokenized dataset with an `input_ids` column.")
-    device = next(teacher.parameters()).device
     was_training = teacher.training
     teacher.eval()
     V = output_rows(teacher)
+    wrapper = prepare_teacher(teacher, accelerator) if accelerator is not None else teacher
+    device = next(teacher.parameters()).device
     if not (1 <= k <= V):
         raise ValueError(f"k must be in [1, {V}], got {k}.")
 
@@ -172,7 +196,8 @@ def add_teacher_topk(
         for i, s in enumerate(seqs):
             ids[i, : len(s)] = torch.tensor(s)
             mask[i, : len(s)] = 1
-        lp = TeacherLogProbs(teacher, {"input_ids": ids.to(device), "attention_mask": mask.to(device)}, V, 1.0)
+        lp = TeacherLogProbs(wrapper, {"input_ids": ids.to(device), "attention_mask": mask.to(device)}, V, 1.0,
+                             unwrapped=teacher)
         rows = torch.arange(ids.numel(), device=device)
         out_ids, out_lp = [], []
         step = work_chunk_rows(rows, V)
