@@ -191,6 +191,8 @@ class FDivTrainerMixin:
         metrics = {key: sum(val) / len(val) for key, val in self._metrics[mode].items() if len(val)}
         if mode == "eval":
             metrics = {f"eval_{key}": val for key, val in metrics.items()}
+            if "eval_token_accuracy" in logs:  # compute_metrics gave it over the whole eval set: log one accuracy
+                metrics.pop("eval_mean_token_accuracy", None)
         logs.update(metrics)
         self._metrics[mode].clear()
         super().log(logs, start_time)
