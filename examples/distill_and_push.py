@@ -1,5 +1,6 @@
 """Distil a teacher into a student with an f-divergence loss, save it with its model card, and push
-it to the Hub with --push_to_hub (offline, it is only saved locally).
+it to the Hub with --push_to_hub. The push needs the Hub: offline, --push_to_hub stops the script before
+training (HubUnavailableError, naming the flag); without the flag the student is only saved locally.
 
     python examples/distill_and_push.py --model_name_or_path <student> \\
         --teacher_model_name_or_path <teacher> --dataset_name <data> --output_dir my-student \\
@@ -7,8 +8,7 @@ it to the Hub with --push_to_hub (offline, it is only saved locally).
 
 Tiny mode: python examples/tiny_assets.py /tmp/tiny && python examples/distill_and_push.py \\
     --model_name_or_path /tmp/tiny/student --teacher_model_name_or_path /tmp/tiny/teacher \\
-    --dataset_name /tmp/tiny/data --output_dir /tmp/tiny/distilled --max_steps 2 --bf16 False --use_cpu \\
-    --report_to none --activation_checkpointing False
+    --dataset_name /tmp/tiny/data --output_dir /tmp/tiny/distilled --max_steps 2 --report_to none
 """
 
 from huggingface_hub import ModelCard

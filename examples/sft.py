@@ -12,8 +12,7 @@ Tiny mode (offline, what CI runs):
 
     python examples/tiny_assets.py /tmp/tiny
     python examples/sft.py --model_name_or_path /tmp/tiny/student --dataset_name /tmp/tiny/data \\
-        --output_dir /tmp/tiny/sft --max_steps 2 --per_device_train_batch_size 4 --bf16 False --use_cpu \\
-        --report_to none --activation_checkpointing False
+        --output_dir /tmp/tiny/sft --max_steps 2 --per_device_train_batch_size 4 --report_to none
 """
 
 import trl

@@ -5,7 +5,7 @@
 
 Tiny mode: python examples/tiny_assets.py /tmp/tiny && python examples/sft_lora.py \\
     --model_name_or_path /tmp/tiny/student --dataset_name /tmp/tiny/data --output_dir /tmp/tiny/lora \\
-    --max_steps 2 --bf16 False --use_cpu --report_to none --activation_checkpointing False \\
+    --max_steps 2 --report_to none \\
     --lora_target_modules q_proj v_proj
 """
 

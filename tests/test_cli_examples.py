@@ -149,3 +149,19 @@ def test_cli_under_accelerate_launch_two_processes(tiny, tmp_path):
                "--logging_steps", "1", *COMMON])
     assert "'epoch': '0.25'" in out  # 2 processes x 4 rows of 32: a step covers a quarter of the data
     assert (tmp_path / "ddp" / "README.md").exists()
+
+
+def test_readme_tiny_mode_lines_run_as_written(tmp_path):
+    # The README's tiny-mode block, word for word (only /tmp/ moved under tmp_path): no --bf16 False, no
+    # --use_cpu. It runs on a machine without a GPU (bf16 "auto") as well as with one.
+    import re
+    import shlex
+
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    block = re.search(r"Tiny mode, offline:\n\n```bash\n(.*?)```", readme, flags=re.S).group(1)
+    commands = [shlex.split(c.replace("/tmp/", f"{tmp_path}/")) for c in block.replace("\\\n", " ").splitlines()]
+    assert [c[:2] for c in commands] == [["python", "examples/tiny_assets.py"], ["python", "examples/sft.py"]]
+    assert "--bf16" not in commands[1] and "--use_cpu" not in commands[1]
+    for command in commands:
+        run([PY, *command[1:]])
+    assert (tmp_path / "sft" / "README.md").exists()
