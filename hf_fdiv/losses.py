@@ -44,6 +44,7 @@ from .solver import (
     sum_q_bregman,
     work_chunk_rows,
 )
+from .solver import learnable_alpha
 from .solver.grad_buffer import first_order_only, freed_error, graph_retained, scale_rows
 
 __all__ = [
@@ -374,7 +375,7 @@ def fdiv_loss_rows(
 def fdiv_loss(
     logits: Tensor,
     target: Tensor,
-    divergence: DivergenceSpec = "alpha:1.5",
+    divergence: Union[DivergenceSpec, Tensor] = "alpha:1.5",
     reference: ReferenceSpec = "unit",
     ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
@@ -389,7 +390,13 @@ def fdiv_loss(
         logits: [..., V] float tensor (class dimension last, as in Hugging Face models).
         target: class ids [...] (integer; ``ignore_index`` rows give 0 loss and 0 gradient) or a
             distribution [..., V] (rows on the simplex, e.g. a teacher's probabilities).
-        divergence: spec string or FDivergence (default ``"alpha:1.5"``, the paper's headline).
+        divergence: spec string or FDivergence (default ``"alpha:1.5"``, the paper's headline); or a
+            **learnable alpha**: a float tensor of alpha-divergence parameters (alpha > 0, alpha != 1)
+            broadcastable to ``target``'s row shape (logits.shape[:-1]): a scalar, one per row, or e.g.
+            [H, 1] per head. The loss is then differentiable w.r.t. alpha too:
+            d loss / d alpha = d/d alpha D_alpha(y, q) - d/d alpha D_alpha(p, q) at fixed p, y (envelope
+            theorem, :mod:`hf_fdiv.solver.learnable_alpha`); rows are solved densely, and
+            ``skip_nonfinite`` / ``return_stats`` are not available with it.
         reference: ``"unit"``, ``"uniform"``, a positive number or a tensor ([V] or [..., V]).
         ignore_index: class id to ignore (class-id targets only).
         reduction: ``"mean"`` over non-ignored rows (0 if there are none), ``"sum"``, or ``"none"``
@@ -412,6 +419,11 @@ def fdiv_loss(
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}.")
     if not isinstance(target, Tensor):
         raise ValueError("target must be a tensor of class ids or a distribution.")
+    if isinstance(divergence, Tensor):
+        return _learnable_alpha_loss(
+            logits, target, divergence, reference, ignore_index, reduction, label_smoothing, max_iter,
+            skip_nonfinite, return_stats,
+        )
     div = get_divergence(divergence)
     x, shape = as_rows(logits, -1)
     check_targets(target, logits, ignore_index)
@@ -439,6 +451,41 @@ def fdiv_loss(
     return (loss, stats) if return_stats else loss
 
 
+def _learnable_alpha_loss(
+    logits, target, alpha, reference, ignore_index, reduction, label_smoothing, max_iter, skip_nonfinite, return_stats
+):
+    """:func:`fdiv_loss` with a learnable alpha tensor (:class:`~hf_fdiv.solver.learnable_alpha.AlphaFYLossFunction`)."""
+    if skip_nonfinite or return_stats:
+        raise ValueError(
+            "skip_nonfinite and return_stats are not available with a learnable alpha tensor: drop them, or "
+            "pass a fixed alpha spec (e.g. divergence='alpha:1.5') for those options."
+        )
+    alpha_range = learnable_alpha.check_alpha(alpha)
+    x, shape = as_rows(logits, -1)
+    check_targets(target, logits, ignore_index)
+    q = flatten_reference(prepare_reference(reference, logits, -1), shape)
+    a = learnable_alpha.alpha_rows(alpha, shape[:-1], alpha.dtype)
+    rows = None
+    if target.is_floating_point():
+        t = target.reshape(-1, shape[-1])
+    else:
+        t = target.reshape(-1).to(device=x.device, dtype=torch.long)
+        valid = t != ignore_index
+        rows = valid.nonzero().squeeze(1)  # one host synchronisation (data-dependent row count)
+        if rows.numel() == x.shape[0]:
+            rows = None
+    per_row = learnable_alpha.AlphaFYLossFunction.apply(
+        x, a, t, q, rows, alpha_range, float(label_smoothing), max_iter, solver_backend(x)
+    )
+    if reduction == "none":
+        return per_row.reshape(shape[:-1])
+    if reduction == "sum":
+        return per_row.sum()
+    if target.is_floating_point():
+        return per_row.sum() / max(x.shape[0], 1)
+    return per_row.sum() / (t != ignore_index).sum().clamp(min=1)
+
+
 def _triton_loss(x, t, q, div, ignore_index, label_smoothing, max_iter, skip_nonfinite, return_stats):
     """The Triton kernels' result (per-row losses, stats) where they cover the case, else None
     (soft targets, label smoothing, skip mode, stats and tensor references use the PyTorch path)."""
@@ -454,11 +501,12 @@ def _triton_loss(x, t, q, div, ignore_index, label_smoothing, max_iter, skip_non
 
 
 class FDivLoss(nn.Module):
-    """``nn.Module`` form of :func:`fdiv_loss` (same arguments, fixed at construction)."""
+    """``nn.Module`` form of :func:`fdiv_loss` (same arguments, fixed at construction). A learnable alpha
+    passed as an ``nn.Parameter`` becomes the module's parameter ``divergence``."""
 
     def __init__(
         self,
-        divergence: DivergenceSpec = "alpha:1.5",
+        divergence: Union[DivergenceSpec, Tensor] = "alpha:1.5",
         reference: ReferenceSpec = "unit",
         ignore_index: int = IGNORE_INDEX,
         reduction: str = "mean",
@@ -467,7 +515,14 @@ class FDivLoss(nn.Module):
         skip_nonfinite: bool = False,
     ):
         super().__init__()
-        self.divergence = get_divergence(divergence)
+        if isinstance(divergence, Tensor):  # a learnable alpha: a parameter of the module (or a buffer)
+            learnable_alpha.check_alpha(divergence)
+            if isinstance(divergence, nn.Parameter):
+                self.divergence = divergence
+            else:
+                self.register_buffer("divergence", divergence)
+        else:
+            self.divergence = get_divergence(divergence)
         if isinstance(reference, Tensor):
             self.register_buffer("reference", reference)
         else:
@@ -487,7 +542,8 @@ class FDivLoss(nn.Module):
 
     def extra_repr(self) -> str:
         ref = "tensor" if isinstance(self.reference, Tensor) else repr(self.reference)
-        return f"divergence={self.divergence.name!r}, reference={ref}, reduction={self.reduction!r}"
+        div = "learnable alpha" if isinstance(self.divergence, Tensor) else repr(self.divergence.name)
+        return f"divergence={div}, reference={ref}, reduction={self.reduction!r}"
 
 
 def causal_lm_fdiv_loss(

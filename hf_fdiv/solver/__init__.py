@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ..divergences import DivergenceSpec, FDivergence, get_divergence
+from . import learnable_alpha
 from .batched import BATCHED_CHUNK_ELEMENTS, solve_rows_batched
 from .chunked import CHUNK_ELEMENTS, SPARSE_TOPK, solve_rows_chunked
 from .core import (
@@ -263,7 +264,7 @@ class FSoftmaxFunction(torch.autograd.Function):
 
 def f_softargmax(
     logits: Tensor,
-    divergence: DivergenceSpec = "alpha:1.5",
+    divergence: Union[DivergenceSpec, Tensor] = "alpha:1.5",
     reference: ReferenceSpec = "unit",
     dim: int = -1,
     max_iter: Optional[int] = None,
@@ -272,7 +273,12 @@ def f_softargmax(
 
     Args:
         logits: float tensor of any shape [..., V, ...]; bf16/fp16 are solved in fp32.
-        divergence: spec string (``"kl"``, ``"alpha:1.5"``, ``"js"``, ...) or an FDivergence.
+        divergence: spec string (``"kl"``, ``"alpha:1.5"``, ``"js"``, ...) or an FDivergence; or a
+            **learnable alpha**: a float tensor of alpha-divergence parameters (alpha > 0, alpha != 1),
+            broadcastable to the logits' shape without ``dim`` (a scalar, one per row, ``[H, 1]`` per
+            head of ``[B, H, T, V]`` logits). It gets a gradient d p / d alpha in closed form at the
+            solution (:mod:`hf_fdiv.solver.learnable_alpha`); with unit q this is
+            ``entmax.entmax_bisect(logits, alpha)``. Rows are solved densely.
         reference: ``"unit"`` (q = 1), ``"uniform"`` (q = 1/V), a positive number, or a non-negative
             tensor ([V] class prior or broadcastable to the logits); q_j = 0 excludes class j.
         dim: the class dimension.
@@ -281,8 +287,18 @@ def f_softargmax(
     Returns:
         p with the shape and dtype of ``logits``: p >= 0, sums to 1 along ``dim``; KL with unit q is
         ``torch.softmax``, alpha = 1.5 is entmax15, alpha = 2 is sparsemax, chi2 is sparsemax(logits/2).
-        Differentiable w.r.t. ``logits`` (closed-form Jacobian); ``reference`` gets no gradient.
+        Differentiable w.r.t. ``logits`` (closed-form Jacobian) and a tensor alpha; ``reference`` gets
+        no gradient.
     """
+    if isinstance(divergence, Tensor):
+        alpha_range = learnable_alpha.check_alpha(divergence)
+        q = prepare_reference(reference, logits, dim)
+        x, shape = as_rows(logits, dim)
+        alpha = learnable_alpha.alpha_rows(divergence, shape[:-1], divergence.dtype)
+        p = learnable_alpha.AlphaSoftargmaxFunction.apply(
+            x, alpha, flatten_reference(q, shape), alpha_range, max_iter, solver_backend(x)
+        )
+        return p.reshape(shape).movedim(-1, dim)
     div = get_divergence(divergence)
     q = prepare_reference(reference, logits, dim)
     x, shape = as_rows(logits, dim)
@@ -301,8 +317,13 @@ def f_softmax(
 
     KL with unit q gives logsumexp(logits) + 1 - V (the normalised KL generator keeps the constant
     1 - sum q). The gradient w.r.t. ``logits`` is :func:`f_softargmax`. Returns a tensor shaped like
-    ``logits`` without ``dim``.
+    ``logits`` without ``dim``. (A learnable alpha tensor is taken by :func:`f_softargmax` and the loss.)
     """
+    if isinstance(divergence, Tensor):
+        raise ValueError(
+            "f_softmax takes a divergence spec; a learnable alpha tensor is supported by f_softargmax and "
+            "fdiv_loss (whose value includes f-softmax): use a spec such as divergence='alpha:1.5' for a fixed alpha."
+        )
     div = get_divergence(divergence)
     q = prepare_reference(reference, logits, dim)
     x, shape = as_rows(logits, dim)

@@ -76,12 +76,13 @@ def nonfinite_error(k: int) -> NonFiniteLogitsError:
 class NewtonPolicy:
     """How the solver searches tau for a generator (solver policy, not the generator's math).
 
-    ``transform`` r: Newton runs on (sum p)^r = 1 (r > 0) or log sum p = 0 (r = 0);
+    ``transform`` r: Newton runs on (sum p)^r = 1 (r > 0) or log sum p = 0 (r = 0); a tensor [n] gives
+    one r per row (the learnable-alpha solver, :mod:`.learnable_alpha`);
     ``monotone``: the transformed equation is convex in tau, so Newton from tau_lo never overshoots;
     ``fp64``: solve in fp64 even for fp32 inputs (alpha > 2: (f*)'' is infinite where a class enters
     the support, so one fp32 ulp of tau moves such a p_j by ~sqrt(ulp))."""
 
-    transform: float
+    transform: Union[float, Tensor]
     monotone: bool
     fp64: bool = False
 
@@ -91,7 +92,11 @@ class NewtonPolicy:
 
 
 def newton_policy(div: FDivergence) -> NewtonPolicy:
-    """The policy table: built-in generators by type; user-defined ones get the safeguarded default."""
+    """The policy table: built-in generators by type; a generator carrying its own ``solver_policy``
+    (per-row alpha) uses it; other user-defined ones get the safeguarded default."""
+    own = getattr(div, "solver_policy", None)
+    if own is not None:
+        return own
     if isinstance(div, AlphaDivergence):
         a = div.alpha
         # (sum p)^(a-1) is convex in tau for 1 < a <= 2; log sum p is convex for a < 1
@@ -248,7 +253,9 @@ def newton_solve(
         lo = torch.where(S >= 1, tau, lo)
         hi = torch.where(S <= 1, tau, hi)
         logS = torch.log(S)
-        if r == 0.0:
+        if isinstance(r, Tensor):  # one transform per row (0: log)
+            step = torch.where(r == 0, S * logS / Sd, S * (-torch.expm1(-r * logS)) / (r * Sd))
+        elif r == 0.0:
             step = S * logS / Sd
         else:
             step = S * (-torch.expm1(-r * logS)) / (r * Sd)
