@@ -5,7 +5,7 @@ PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip
 STAMP   = $(VENV)/.installed
 
-.PHONY: venv demo-deps demo test test-cuda bench gpu-bench clean
+.PHONY: venv demo-deps demo test test-distributed test-cuda bench gpu-bench clean
 
 venv: $(STAMP)
 
@@ -33,8 +33,22 @@ $(DEMO_STAMP): $(STAMP) requirements-demo.txt
 demo: demo-deps
 	$(VENV)/bin/hf-fdiv demo $(DEMO_ARGS)
 
+# The DeepSpeed tests (marker `distributed`) are left to `make test-distributed`.
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not distributed" tests
+
+# Sharded training on CPU (2 processes, gloo): FSDP1/FSDP2 and DeepSpeed ZeRO-2/3 against one process
+# (tests/test_sharded.py). Installs the pinned deepspeed into the venv; its first start builds a CPU op
+# (2-4 min, cached in ~/.cache/torch_extensions).
+DEEPSPEED ?= deepspeed==0.19.8
+DS_STAMP   = $(VENV)/.deepspeed-installed
+
+$(DS_STAMP): $(STAMP)
+	$(PIP) install --quiet $(DEEPSPEED)
+	touch $(DS_STAMP)
+
+test-distributed: $(DS_STAMP)
+	DS_ACCELERATOR=cpu $(PY) -m pytest -q tests/test_sharded.py
 
 bench: venv
 	$(PY) benchmarks/loss_bench.py
