@@ -65,6 +65,14 @@ class LogitTransform:
             z.div_(self.softcap).tanh_().mul_(self.softcap)
         return z
 
+    def transformed(self, z: Tensor) -> Tensor:
+        """Out of place (differentiable): the same map as :meth:`apply`."""
+        if self.scale != 1.0:
+            z = z * self.scale
+        if self.softcap:
+            z = torch.tanh(z / self.softcap) * self.softcap
+        return z
+
     def derivative(self, z_out: Tensor) -> Optional[Tensor]:
         """d logits / d (h W^T + b) from the transformed logits, or None when it is 1."""
         if self.softcap:

@@ -207,18 +207,9 @@ def _warn_once(message: str) -> None:
 def _fused_inside_forward(run_model, model_inputs, targets, make_inputs, num_classes_of, settings, parts):
     """The model's forward with the logits of one position, then the fused loss on its last hidden
     states (run inside the wrapper's forward, see :func:`run_inside_forward`). Where the head's weight
-    cannot be read whole (see :func:`head_weight_problem`), the model's own forward gives the logits."""
+    cannot be read whole afterwards (see :func:`head_weight_problem`), the head module itself gives the
+    logits of every position (its engine hooks gather it and reduce its gradient)."""
     backbone, head, config = parts
-    bias = getattr(head, "bias", None)
-    # a ZeRO-3 parameter (ds_id) is whole under gathered_parameters; others must be whole already
-    problem = None if getattr(head.weight, "ds_id", None) is not None else head_weight_problem(head.weight)
-    if problem is not None:
-        _warn_once(f"hf_fdiv: {problem}; using the materialised logits instead of the fused LM-head loss.")
-        outputs = run_model(**model_inputs)
-        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        loss_sum, stats, spec = _loss_from_logits(logits, targets, make_inputs, num_classes_of(logits.shape[-1]),
-                                                  settings)
-        return outputs, loss_sum, stats, spec
     captured = {}
 
     def grab(module, args, output):
@@ -230,6 +221,16 @@ def _fused_inside_forward(run_model, model_inputs, targets, make_inputs, num_cla
     finally:
         handle.remove()
     hidden = captured["h"]
+    bias = getattr(head, "bias", None)
+    # read after the model ran (an engine may gather the head for its own forward and keep it whole);
+    # a ZeRO-3 parameter (ds_id) is whole under gathered_parameters
+    problem = None if getattr(head.weight, "ds_id", None) is not None else head_weight_problem(head.weight)
+    if problem is not None:
+        _warn_once(f"hf_fdiv: {problem}; using the materialised logits instead of the fused LM-head loss.")
+        logits = LogitTransform.from_config(config).transformed(head(hidden).float())
+        loss_sum, stats, spec = _loss_from_logits(logits, targets, make_inputs, num_classes_of(logits.shape[-1]),
+                                                  settings)
+        return outputs, loss_sum, stats, spec
     with gathered_parameters(head.weight, bias):
         V = num_classes_of(head.weight.shape[0])
         spec = make_inputs(targets.to(hidden.device), V)
