@@ -626,8 +626,8 @@ def get_divergence(spec: DivergenceSpec) -> FDivergence:
     suggestion = _closest_spec(key)
     hint = f" Did you mean {suggestion!r}?" if suggestion else ""
     raise ValueError(
-        f"unknown divergence {spec!r}.{hint} Known names: {', '.join(available_divergences())}; "
-        "or pass an FDivergence object (subclass it or use FDivergence.from_functions)."
+        f"unknown divergence {spec!r}. Known names: {', '.join(available_divergences())}; "
+        f"or pass an FDivergence object (subclass it or use FDivergence.from_functions).{hint}"
     )
 
 
