@@ -216,12 +216,16 @@ def run_case(out: str, engine: str, case: str, saved: str) -> dict:
     if not distill:
         teacher = None
     data = messages_dataset(N_ROWS)
-    if case == "distill_topk":  # computed on every process from a plain copy of the teacher, before the engines
+    if case == "distill_topk":  # computed under the engine (the teacher sharded like the student), as
+        # `hf-fdiv teacher-topk` does under accelerate launch; the 1-process run uses the plain teacher
+        from accelerate import Accelerator
+
         from hf_fdiv import add_teacher_topk
         from tiny import make_model, tokenized_lm_dataset
 
-        data = add_teacher_topk(tokenized_lm_dataset(tok, N_ROWS), make_model(tok, hidden=32, seed=1), k=16,
-                                pad_token_id=tok.pad_token_id)
+        topk_teacher = make_model(tok, hidden=32, seed=1)
+        data = add_teacher_topk(tokenized_lm_dataset(tok, N_ROWS), topk_teacher, k=16, pad_token_id=tok.pad_token_id,
+                                accelerator=None if single else Accelerator())
         teacher = None
     args = config_cls(**common)
     if engine == "zero3_init":
