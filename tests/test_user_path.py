@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import pathlib
 import re
@@ -77,6 +78,7 @@ def test_default_configs_work_without_a_gpu_and_bf16_auto_resolves(monkeypatch, 
     # Stock TRL: bf16=True whatever the machine, which transformers then refuses here.
     with pytest.raises(ValueError, match="use_cpu"):
         SFTConfig(output_dir=str(tmp_path))
+    logging.Logger.warning_once.cache_clear()  # the line is logged once per process: an earlier test may have
     with CaptureLogger(fdiv_arguments.logger) as cap:
         for cls in (FDivSFTConfig, FDivDistillationConfig, FDivTrainingArguments):
             assert cls(output_dir=str(tmp_path)).bf16 is False
@@ -492,6 +494,7 @@ def test_readme_cpu_tips_and_demo_args_parse():
 
 
 def test_torch_compile_on_cpu_warns(tmp_path):
+    logging.Logger.warning_once.cache_clear()
     with CaptureLogger(fdiv_arguments.logger) as cap:
         FDivSFTConfig(output_dir=str(tmp_path), torch_compile=True, use_cpu=True)
     assert "torch_compile=True on a CPU" in cap.out and "minutes" in cap.out
