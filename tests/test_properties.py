@@ -63,7 +63,7 @@ def test_simplex_kkt_and_shift_invariance(problem):
         assert bool((p[reference == 0] == 0).all())  # a zero reference excludes the class
     # KKT certificate of an fp64 solve, for every divergence and reference: on the classes with q > 0
     # (a zero reference drops the class), on the exact support p > 0
-    _assert_kkt(x, name, reference)
+    p64 = _assert_kkt(x, name, reference)
     # the solve in the input's dtype agrees with the fp64 solve of the same logits
     torch.testing.assert_close(p.double(), p64, atol=1e-4 if x.dtype == torch.float32 else 1e-9, rtol=0)
     # shift invariance (shift exactly representable: logits on a coarse grid)
