@@ -464,7 +464,7 @@ def _learnable_alpha_loss(
     x, shape = as_rows(logits, -1)
     check_targets(target, logits, ignore_index)
     q = flatten_reference(prepare_reference(reference, logits, -1), shape)
-    a = learnable_alpha.alpha_rows(alpha, shape[:-1], alpha.dtype)
+    a = learnable_alpha.alpha_rows(alpha, shape[:-1], x.device)
     rows = None
     if target.is_floating_point():
         t = target.reshape(-1, shape[-1])

@@ -192,6 +192,8 @@ def test_retain_graph_and_module_with_a_parameter():
     torch.testing.assert_close(module(x, t), fdiv_loss(x, t, param))
     with pytest.raises(RuntimeError, match="first derivatives only"):
         torch.autograd.grad(fdiv_loss(x, t, alpha), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="first derivatives only"):
+        torch.autograd.grad(f_softargmax(x, alpha).pow(2).sum(), alpha, create_graph=True)
 
 
 def test_learning_alpha_moves_it_towards_the_data():

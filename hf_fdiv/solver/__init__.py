@@ -294,7 +294,7 @@ def f_softargmax(
         alpha_range = learnable_alpha.check_alpha(divergence)
         q = prepare_reference(reference, logits, dim)
         x, shape = as_rows(logits, dim)
-        alpha = learnable_alpha.alpha_rows(divergence, shape[:-1], divergence.dtype)
+        alpha = learnable_alpha.alpha_rows(divergence, shape[:-1], x.device)
         p = learnable_alpha.AlphaSoftargmaxFunction.apply(
             x, alpha, flatten_reference(q, shape), alpha_range, max_iter, solver_backend(x)
         )

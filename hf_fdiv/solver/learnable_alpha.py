@@ -99,9 +99,10 @@ def check_alpha(alpha: Tensor) -> tuple[float, float]:
     return lo, hi
 
 
-def alpha_rows(alpha: Tensor, batch_shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+def alpha_rows(alpha: Tensor, batch_shape: tuple[int, ...], device) -> Tensor:
     """alpha broadcast to the logits' shape without the class axis and flattened to one alpha per row
-    [N] (differentiable: autograd sums the row gradients back to alpha's own shape)."""
+    [N] on the logits' ``device`` (differentiable: autograd sums the row gradients back to alpha's own
+    shape and device)."""
     try:
         shape = torch.broadcast_shapes(alpha.shape, batch_shape)
     except RuntimeError:
@@ -111,7 +112,7 @@ def alpha_rows(alpha: Tensor, batch_shape: tuple[int, ...], dtype: torch.dtype) 
             f"alpha of shape {tuple(alpha.shape)} does not broadcast to the logits without the class axis "
             f"{tuple(batch_shape)}: use a scalar, one alpha per row, or e.g. [H, 1] per head for [B, H, T, V] logits."
         )
-    return alpha.to(dtype).expand(batch_shape).reshape(-1)
+    return alpha.to(device).expand(batch_shape).reshape(-1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,8 +323,9 @@ def alpha_loss_terms(p: Tensor, y: Tensor, z: Tensor, tau: Tensor, q, alpha: Ten
 
 
 class AlphaSoftargmaxFunction(torch.autograd.Function):
-    """p = alpha-entmax-like f-softargmax(x; q) of x [N, V] with one alpha per row (``alpha`` [N]);
-    backward: the closed-form J^T g for x and <g, dp/dalpha> per row for alpha (module docstring)."""
+    """p = f-softargmax(x; q) of x [N, V] for the alpha family with one alpha per row (``alpha`` [N];
+    alpha-entmax for unit q); backward: the closed-form J^T g for x and <g, dp/dalpha> per row for alpha
+    (module docstring). First derivatives only (a backward with create_graph=True raises)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, alpha: Tensor, q, alpha_range, max_iter, backend):
@@ -337,6 +339,7 @@ class AlphaSoftargmaxFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
+        first_order_only("f_softargmax with a learnable alpha")  # alpha is held detached: no silent 0
         p, alpha = ctx.saved_tensors
         N, V = p.shape
         dtype = ctx.dtype
