@@ -34,11 +34,14 @@ class FDivTrainerMixin:
     (``alpha:1.5``, unit reference).
 
     The loss of a micro-batch is sum_tokens l_f / ``num_items_in_batch`` (the token count of the
-    whole gradient-accumulation window, across devices), so ``loss_is_scaled_for_ga = True`` and
-    bs x GA splits give the same update. Labels are aligned with ``input_ids`` (-100 = ignored) and
-    shifted here exactly like transformers' ``ForCausalLMLoss``.
+    whole gradient-accumulation window, across devices), and bs x GA splits give the same update. When
+    the Trainer gives no count, the loss is the micro-batch mean and the Trainer divides it by the
+    accumulation steps, as for the stock loss: ``loss_is_scaled_for_ga`` says which, call by call.
+    Labels are aligned with ``input_ids`` (-100 = ignored) and shifted here exactly like
+    transformers' ``ForCausalLMLoss``.
     """
 
+    #: set by every compute_loss: True when the loss was divided by ``num_items_in_batch``
     loss_is_scaled_for_ga = True
     _fdiv_trainer_name = "FDivTrainer"
     #: batch keys that are loss inputs, not model inputs
@@ -144,6 +147,8 @@ class FDivTrainerMixin:
         except ValueError as err:  # bad labels or references: say where training stopped
             raise ValueError(f"{self._fdiv_where(mode)}: {err}") from err
         loss = self._normalise(loss_sum, targets, num_items_in_batch)
+        # read by Trainer.training_step right after this call: without a count, it divides by the GA steps
+        self.loss_is_scaled_for_ga = num_items_in_batch is not None
         self._record_fdiv_metrics(mode, sums, inputs)
         return (loss, outputs) if return_outputs else loss
 
