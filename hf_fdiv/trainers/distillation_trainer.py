@@ -28,7 +28,7 @@ from .mixin import IGNORE_INDEX, LossInputs
 from .reference_constant import ReferenceConstant
 from .sft_trainer import FDivSFTConfig, FDivSFTTrainer
 from .teacher import TOPK_IDS, TOPK_LOGPROBS, TeacherLogProbs, TopKLogProbs, common_vocab, load_teacher, prepare_teacher
-from .loss_path import output_rows
+from .loss_path import output_rows, virtual_tokens
 from .teacher import pad_topk
 
 TEACHER_MODES = ("target", "reference")
@@ -130,6 +130,12 @@ class FDivDistillationTrainer(FDivSFTTrainer):
         super().__init__(model=model, args=args, **kwargs)
         tokenizer = self.processing_class
         tok_len = len(tokenizer) if tokenizer is not None and hasattr(tokenizer, "__len__") else None
+        if virtual_tokens(self.accelerator.unwrap_model(self.model)):
+            raise ValueError(
+                "FDivDistillationTrainer does not support prompt-learning adapters (prompt tuning, P-tuning): the "
+                "student's virtual tokens have no teacher counterpart. Use a weight-based adapter such as LoRA, or "
+                "train the prompt with FDivSFTTrainer."
+            )
         student_rows = output_rows(self.accelerator.unwrap_model(self.model))
         self.num_classes = student_rows
         self.teacher_model = None

@@ -31,6 +31,8 @@ __all__ = [
     "gathered_parameters",
     "head_weight_problem",
     "output_rows",
+    "virtual_tokens",
+    "align_to_virtual_tokens",
     "METRIC_KEYS",
 ]
 
@@ -268,6 +270,26 @@ def fdiv_token_loss(model, model_inputs: dict, targets: Tensor, make_inputs, num
         )
     ids = spec.stat_ids if spec.stat_ids is not None else spec.target
     return outputs, loss_sum, metric_sums(stats, ids if isinstance(ids, Tensor) else None)
+
+
+def virtual_tokens(unwrapped) -> int:
+    """Positions a prompt-learning PEFT adapter (prompt tuning, P-tuning) prepends to every sequence;
+    0 for other models (prefix tuning adds keys/values, not positions)."""
+    config = getattr(unwrapped, "active_peft_config", None)
+    if config is None or not getattr(config, "is_prompt_learning", False):
+        return 0
+    if str(getattr(config, "peft_type", "")).upper().endswith("PREFIX_TUNING"):
+        return 0
+    return int(getattr(config, "num_virtual_tokens", 0) or 0)
+
+
+def align_to_virtual_tokens(labels: Tensor, unwrapped) -> Tensor:
+    """Labels [B, T] aligned with a prompt-learning model's positions [B, n + T]: the n virtual positions
+    come first and are ignored (-100), as PEFT's own forward pads the labels (before the causal shift)."""
+    n = 0 if unwrapped is None else virtual_tokens(unwrapped)
+    if n == 0:
+        return labels
+    return torch.nn.functional.pad(labels, (n, 0), value=IGNORE_INDEX)
 
 
 def metric_sums(stats: RowStats, ids: Optional[Tensor]) -> Tensor:

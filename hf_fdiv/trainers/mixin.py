@@ -20,9 +20,16 @@ from ..losses import IGNORE_INDEX
 from ..solver import NonFiniteLogitsError
 from . import model_card
 from .arguments import FDivLossArguments, load_reference
-from .loss_path import METRIC_KEYS, LossInputs, LossSettings, fdiv_token_loss, fused_head, output_rows
+from .loss_path import METRIC_KEYS, LossInputs, LossSettings, align_to_virtual_tokens, fdiv_token_loss, fused_head
+from .loss_path import output_rows
 
 __all__ = ["FDivLossArguments", "FDivTrainerMixin", "LossInputs", "IGNORE_INDEX"]
+
+
+def _output(outputs, key: str):
+    if isinstance(outputs, dict):
+        return outputs.get(key)
+    return getattr(outputs, key, None)
 
 
 class FDivTrainerMixin:
@@ -88,15 +95,18 @@ class FDivTrainerMixin:
             )
 
     # ------------------------------------------------------------------ loss
-    def _fdiv_targets(self, inputs: dict) -> Tensor:
+    def _fdiv_targets(self, inputs: dict, unwrapped=None) -> Tensor:
+        """The target of every output position. A prompt-learning adapter's virtual tokens come first:
+        their labels are -100 (the last one predicts the first real token), as in PEFT's own forward."""
         if "shift_labels" in inputs:
-            return inputs["shift_labels"]
+            return align_to_virtual_tokens(inputs["shift_labels"], unwrapped)
         labels = inputs.get("labels")
         if labels is None:
             raise ValueError(
                 f"{type(self).__name__} needs `labels` in every batch (use a causal-LM collator such as "
                 "DataCollatorForLanguageModeling(tokenizer, mlm=False), or TRL's dataset preparation)."
             )
+        labels = align_to_virtual_tokens(labels, unwrapped)
         if not self._fdiv_shift_labels:
             return labels
         return torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
@@ -124,17 +134,32 @@ class FDivTrainerMixin:
             return None
         return fused_head(self.accelerator.unwrap_model(model))
 
+    def _fdiv_router_aux(self):
+        """(enabled, coefficient) of an MoE model's router load-balancing loss: TRL's SFTTrainer settings
+        when present (``router_aux_loss_coef``), else the model config's, as the model's own forward adds
+        it to its loss when given labels."""
+        if hasattr(self, "aux_loss_enabled"):  # SFTTrainer decided (and set the model config accordingly)
+            return bool(self.aux_loss_enabled), float(getattr(self, "router_aux_loss_coef", 0.0) or 0.0)
+        config = getattr(self.accelerator.unwrap_model(self.model), "config", None)
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        coef = float(getattr(text, "router_aux_loss_coef", 0.0) or 0.0)
+        return bool(getattr(text, "output_router_logits", False)) and coef != 0.0, coef
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
-        targets = self._fdiv_targets(inputs)
+        unwrapped = self.accelerator.unwrap_model(model)
+        targets = self._fdiv_targets(inputs, unwrapped)
         model_inputs = {k: v for k, v in inputs.items() if k not in self._fdiv_batch_keys}
         model_inputs["use_cache"] = False
+        aux_enabled, aux_coef = self._fdiv_router_aux()
+        if aux_enabled:  # MoE: the model then returns its router load-balancing loss
+            model_inputs["output_router_logits"] = True
         parts = None if return_outputs else self._fdiv_fused_parts(model)  # logits wanted: materialise them
         settings = LossSettings(self.fdiv_divergence, self.fdiv_max_iter, self.fdiv_skip_nonfinite)
         try:
             outputs, loss_sum, sums = fdiv_token_loss(
                 model, model_inputs, targets, lambda t, V: self.fdiv_loss_spec(t, inputs, V), self.fdiv_num_classes,
-                settings, parts, unwrapped=self.accelerator.unwrap_model(model),
+                settings, parts, unwrapped=unwrapped,
             )
         except NonFiniteLogitsError as err:
             where = self._fdiv_where(mode)
@@ -147,6 +172,13 @@ class FDivTrainerMixin:
         except ValueError as err:  # bad labels or references: say where training stopped
             raise ValueError(f"{self._fdiv_where(mode)}: {err}") from err
         loss = self._normalise(loss_sum, targets, num_items_in_batch)
+        aux = _output(outputs, "aux_loss") if aux_enabled else None
+        if aux is not None:
+            # a per-micro-batch mean (DDP averages it over ranks); with num_items_in_batch the Trainer leaves
+            # gradient accumulation to the loss, so it is averaged over the accumulation steps here
+            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            loss = loss + aux_coef * aux.to(loss.device) / steps
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux.detach()).mean().item())
         # read by Trainer.training_step right after this call: without a count, it divides by the GA steps
         self.loss_is_scaled_for_ga = num_items_in_batch is not None
         self._record_fdiv_metrics(mode, sums, inputs)
