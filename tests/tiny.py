@@ -90,3 +90,147 @@ def docstring_lines(min_len=30, max_len=90):
                     if min_len <= len(line) <= max_len and line.isascii():
                         out.append(line)
     return list(dict.fromkeys(out))
+
+
+# --------------------------------------------------------------------------------- tiny vision-language models
+# Built in code (no download): a character-level tokenizer with the model family's image tokens, a chat
+# template that renders TRL's multimodal messages, the family's processor, and a model from a small config.
+
+VLM_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}@IMAGE@{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _vlm_tokenizer(image_specials):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = list(SPECIALS) + list(image_specials)
+    vocab = {t: i for i, t in enumerate(specials + [c for c in string.printable])}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<|im_end|>", bos_token="<bos>",
+                                   unk_token="<unk>", additional_special_tokens=specials[4:])
+
+
+def _text_config(tok, hidden=16, **extra):
+    return dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, **extra)
+
+
+def make_qwen2_vl(seed=0):
+    """(Qwen2VLForConditionalGeneration, processor): 32x32 images -> 4x4 patches of 8 px -> 4 image tokens.
+
+    The processor has no video processor (transformers' needs torchvision): a subclass takes the image
+    processor and the tokenizer only."""
+    import torch
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    tok = _vlm_tokenizer(["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"])
+    ids = tok.convert_tokens_to_ids
+    processor = ImageOnlyQwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessorPil(min_pixels=32 * 32, max_pixels=32 * 32, patch_size=8, merge_size=2,
+                                                 temporal_patch_size=2),
+        tokenizer=tok,
+        chat_template=VLM_CHAT_TEMPLATE.replace("@IMAGE@", "<|vision_start|><|image_pad|><|vision_end|>"),
+    )
+    torch.manual_seed(seed)
+    config = Qwen2VLConfig(
+        text_config=_text_config(tok, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                       "mrope_section": [1, 1, 0]}),
+        vision_config=dict(depth=1, embed_dim=16, hidden_size=16, num_heads=2, mlp_ratio=2, patch_size=8,
+                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=False,
+    )
+    return Qwen2VLForConditionalGeneration(config), processor
+
+
+def make_llava(seed=0):
+    """(LlavaForConditionalGeneration, processor): a CLIP vision tower (32x32 images, 8 px patches, the
+    CLS feature dropped) and a Qwen2 text model; 16 image tokens per image."""
+    import torch
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    tok = _vlm_tokenizer(["<image>"])
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tok, patch_size=8, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=VLM_CHAT_TEMPLATE.replace("@IMAGE@", "<image>"),
+    )
+    torch.manual_seed(seed)
+    config = LlavaConfig(
+        vision_config=dict(model_type="clip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=32, patch_size=8, projection_dim=16),
+        text_config=dict(model_type="qwen2", **_text_config(tok)),
+        image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
+        vision_feature_select_strategy="default", projector_hidden_act="gelu", tie_word_embeddings=False,
+    )
+    return LlavaForConditionalGeneration(config), processor
+
+
+def vision_messages_dataset(n=4, size=32, seed=0) -> Dataset:
+    """TRL's vision SFT format: ``messages`` (text content; TRL inserts the image in the first user turn)
+    and ``images`` (one PIL image per row: a solid colour with noise, made in code)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    colours = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
+    rows = []
+    for i in range(n):
+        name = list(colours)[i % len(colours)]
+        pixels = np.clip(np.array(colours[name]) + rng.integers(-20, 21, (size, size, 3)), 0, 255).astype("uint8")
+        rows.append({
+            "images": [Image.fromarray(pixels)],
+            "messages": [{"role": "user", "content": "what colour is it?"},
+                         {"role": "assistant", "content": f"it is {name}."}],
+        })
+    return Dataset.from_list(rows)
+
+
+def make_qwen3_vl(seed=0):
+    """(Qwen3VLForConditionalGeneration, processor): as :func:`make_qwen2_vl` (32x32 images, 8 px patches,
+    4 image tokens), with Qwen3-VL's deepstack (vision features added to the first text layer)."""
+    import torch
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    tok = _vlm_tokenizer(["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"])
+    ids = tok.convert_tokens_to_ids
+    processor = ImageOnlyQwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessorPil(min_pixels=32 * 32, max_pixels=32 * 32, patch_size=8, merge_size=2,
+                                                 temporal_patch_size=2),
+        tokenizer=tok,
+        chat_template=VLM_CHAT_TEMPLATE.replace("@IMAGE@", "<|vision_start|><|image_pad|><|vision_end|>"),
+    )
+    torch.manual_seed(seed)
+    text = _text_config(tok, head_dim=4, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                          "mrope_section": [1, 1, 0], "mrope_interleaved": True})
+    config = Qwen3VLConfig(
+        text_config=text,
+        vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, patch_size=8,
+                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=16,
+                           num_position_embeddings=16, deepstack_visual_indexes=[0]),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=False,
+    )
+    return Qwen3VLForConditionalGeneration(config), processor

@@ -90,7 +90,10 @@ def fused_head(unwrapped_model):
         )
     if "logits_to_keep" not in inspect.signature(base.forward).parameters:
         return None
-    return backbone, head, base.config
+    # A vision-language model keeps the logit scale / softcap on its text config: read it there, as TRL's fused
+    # LM head (trl.trainer.utils.add_fused_lm_head) does.
+    config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    return backbone, head, config
 
 
 def _loss_from_logits(logits, targets, make_inputs, num_classes, settings: LossSettings):
