@@ -234,3 +234,29 @@ def make_qwen3_vl(seed=0):
         tie_word_embeddings=False,
     )
     return Qwen3VLForConditionalGeneration(config), processor
+
+
+def make_gemma3(seed=0):
+    """(Gemma3ForConditionalGeneration, processor): a SigLIP vision tower (32x32 images, 8 px patches) pooled
+    to 4 image tokens, bidirectional attention over them (``token_type_ids``), a Gemma 3 text model."""
+    import torch
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    tok = _vlm_tokenizer(["<start_of_image>", "<end_of_image>", "<image_soft_token>"])
+    ids = tok.convert_tokens_to_ids
+    tok.boi_token, tok.eoi_token, tok.image_token = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
+    tok.boi_token_id, tok.image_token_id = ids("<start_of_image>"), ids("<image_soft_token>")
+    processor = Gemma3Processor(image_processor=Gemma3ImageProcessorPil(size={"height": 32, "width": 32}), tokenizer=tok,
+                                chat_template=VLM_CHAT_TEMPLATE.replace("@IMAGE@", "<start_of_image>"),
+                                image_seq_length=4)
+    torch.manual_seed(seed)
+    config = Gemma3Config(
+        text_config=_text_config(tok, head_dim=4, sliding_window=64, model_type="gemma3_text",
+                                 layer_types=["sliding_attention", "full_attention"]),
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=32, patch_size=8),
+        mm_tokens_per_image=4, boi_token_index=ids("<start_of_image>"), eoi_token_index=ids("<end_of_image>"),
+        image_token_index=ids("<image_soft_token>"), tie_word_embeddings=False,
+    )
+    return Gemma3ForConditionalGeneration(config), processor
