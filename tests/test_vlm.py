@@ -1,4 +1,4 @@
-"""Vision-language SFT: FDivSFTTrainer on tiny VLMs built in code (Qwen2-VL, Qwen3-VL, LLaVA, Gemma 3),
+"""Vision-language SFT: FDivSFTTrainer on tiny VLMs built in code (Qwen2-VL, Qwen3-VL, LLaVA, Gemma 3), with TRL's vision
 dataset format (``messages`` + ``images``) and processors.
 
 Oracle: the stock SFTTrainer. With ``divergence="kl"`` the loss, the gradients (vision tower included)
