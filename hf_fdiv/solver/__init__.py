@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ..divergences import DivergenceSpec, FDivergence, get_divergence
 from . import learnable_alpha
-from .batched import BATCHED_CHUNK_ELEMENTS, solve_rows_batched
+from .batched import backend_chunk_rows, solve_rows_batched
 from .chunked import CHUNK_ELEMENTS, SPARSE_TOPK, solve_rows_chunked
 from .core import (
     DEFAULT_MAX_ITER,
@@ -133,7 +133,7 @@ def _use_triton(x: Tensor, q, div: FDivergence) -> bool:
 def work_chunk_rows(x: Tensor, V: int) -> int:
     """Rows per chunk of elementwise work after a solve (gradient scaling, backward products):
     cache-sized on CPU, a memory budget on other devices."""
-    return rows_per_chunk(CHUNK_ELEMENTS if solver_backend(x) == "chunked" else BATCHED_CHUNK_ELEMENTS, V)
+    return backend_chunk_rows(solver_backend(x), V)
 
 
 def solve_rows(

@@ -26,11 +26,11 @@ import torch
 from torch import Tensor
 
 from ..divergences import KL, FDivergence
-from .chunked import solve_rows_chunked
+from .chunked import CHUNK_ELEMENTS, solve_rows_chunked
 from .core import RowSolution, bracket, newton_policy, newton_solve, row_chunks, rows_per_chunk, solve_dtype, solve_kl
 from .reference import RowProvider, bad_reference_rows, reference_at_columns, reference_rows
 
-__all__ = ["solve_rows_batched", "BATCHED_CHUNK_ELEMENTS", "BATCHED_TOPK", "BATCHED_PASSES"]
+__all__ = ["solve_rows_batched", "backend_chunk_rows", "BATCHED_CHUNK_ELEMENTS", "BATCHED_TOPK", "BATCHED_PASSES"]
 
 #: rows per chunk = BATCHED_CHUNK_ELEMENTS // V: a few fp32 [rows, V] temporaries of 256 MiB at most.
 BATCHED_CHUNK_ELEMENTS = 1 << 26
@@ -39,6 +39,12 @@ BATCHED_TOPK = 64
 #: fixed Newton passes for monotone generators (1-9 needed in fp32, solver.md); others get more.
 BATCHED_PASSES = 12
 BATCHED_NON_MONOTONE_PASSES = 60
+
+
+def backend_chunk_rows(backend: str, V: int) -> int:
+    """Rows of V classes per chunk of elementwise work on a backend: cache-sized for ``chunked``, the
+    memory budget for the sync-free backends (read at call time)."""
+    return rows_per_chunk(CHUNK_ELEMENTS if backend == "chunked" else BATCHED_CHUNK_ELEMENTS, V)
 
 
 def _passes(div: FDivergence, max_iter: Optional[int]) -> int:
@@ -120,11 +126,7 @@ def _solve_pass(
         uncertain_all[a:b] = unsure
         if tau_all is not None:
             tau_all[a:b] = tau
-        if out is not None:
-            if out_rows is not None:
-                sol.write_dense(out_rows)
-            else:
-                out.index_copy_(0, sel, sol.dense_p().to(out.dtype))
+        sol.write_into(out)
         yield sol
 
 

@@ -135,9 +135,5 @@ def solve_rows_chunked(
             tau, p, _ = newton_solve(z, qc, div, lo, hi, max_iter, early_exit=True, out=out_rows)
             sol = RowSolution(sel, x_rows, m, qc, tau, p, z, qc, None)
         sol.skipped = skipped
-        if out is not None:
-            if out_rows is not None:
-                sol.write_dense(out_rows)
-            else:
-                out.index_copy_(0, sel, sol.dense_p().to(out.dtype))
+        sol.write_into(out)
         yield sol

@@ -190,6 +190,15 @@ class RowSolution:
         out = torch.zeros(self.x_rows.shape, dtype=self.p.dtype, device=self.p.device)
         return out.scatter_(1, self.index, self.p)
 
+    def write_into(self, out: Optional[Tensor]) -> None:
+        """Write p into its rows of ``out`` ([N, V], any float dtype; nothing when None)."""
+        if out is None:
+            return
+        if isinstance(self.rows, slice):
+            self.write_dense(out[self.rows])
+        else:
+            out.index_copy_(0, self.rows, self.dense_p().to(out.dtype))
+
     def write_dense(self, out: Tensor) -> None:
         """Write p into ``out`` ([n, V], any float dtype)."""
         if self.index is None:

@@ -45,9 +45,8 @@ import torch
 from torch import Tensor
 
 from ..divergences import FDivergence
-from .batched import BATCHED_CHUNK_ELEMENTS, BATCHED_PASSES, BATCHED_NON_MONOTONE_PASSES
-from .chunked import CHUNK_ELEMENTS
-from .core import NewtonPolicy, compute_dtype, newton_solve, nonfinite_error, row_chunks, rows_per_chunk
+from .batched import BATCHED_NON_MONOTONE_PASSES, BATCHED_PASSES, backend_chunk_rows
+from .core import NewtonPolicy, compute_dtype, newton_solve, nonfinite_error, row_chunks
 from .grad_buffer import first_order_only, freed_error, graph_retained, scale_rows
 from .reference import reference_rows
 
@@ -201,7 +200,7 @@ def solve_alpha_rows(
     dtype = torch.float64 if (x.dtype == torch.float64 or hi_a > 2) else torch.float32
     monotone = hi_a <= 2
     sync_free = backend != "chunked"
-    step = rows_per_chunk(BATCHED_CHUNK_ELEMENTS if sync_free else CHUNK_ELEMENTS, V)
+    step = backend_chunk_rows(backend, V)
     passes = max_iter if max_iter is not None else (BATCHED_PASSES if monotone else BATCHED_NON_MONOTONE_PASSES)
     total = N if rows is None else rows.numel()
     pending = []
@@ -345,7 +344,7 @@ class AlphaSoftargmaxFunction(torch.autograd.Function):
         dtype = ctx.dtype
         dx = torch.empty_like(p) if ctx.needs_input_grad[0] else None
         da = torch.empty(N, dtype=dtype, device=p.device)
-        step = rows_per_chunk(CHUNK_ELEMENTS if ctx.backend == "chunked" else BATCHED_CHUNK_ELEMENTS, V)
+        step = backend_chunk_rows(ctx.backend, V)
         for _, _, sl, p_rows in row_chunks(p, None, step):
             qc = reference_rows(ctx.q, sl, V, dtype)
             d, a_grad = alpha_softargmax_vjp(p_rows.to(dtype), qc, alpha[sl].to(dtype)[:, None], grad_out[sl].to(dtype))
@@ -415,7 +414,7 @@ class AlphaFYLossFunction(torch.autograd.Function):
             if not keep:
                 ctx.grad_buffer = None
             V = grad.shape[1]
-            step = rows_per_chunk(CHUNK_ELEMENTS if ctx.backend == "chunked" else BATCHED_CHUNK_ELEMENTS, V)
+            step = backend_chunk_rows(ctx.backend, V)
             dx = scale_rows(grad, grad_losses, not keep, step)
         da = (grad_losses.to(dl_da.dtype) * dl_da).to(ctx.alpha_dtype) if ctx.needs_input_grad[1] else None
         return dx, da, None, None, None, None, None, None, None
