@@ -28,6 +28,7 @@ __all__ = [
     "fused_head",
     "metric_sums",
     "run_inside_forward",
+    "engine_wraps",
     "gathered_parameters",
     "head_weight_problem",
     "output_rows",
@@ -123,7 +124,7 @@ def run_inside_forward(wrapper, module, fn):
     forward without running the module's hooks a second time (FSDP2 would reshard the root after a
     nested call). FSDP2 shards the module in place (no wrapper): it is redirected through its own
     hooks too. Any other unwrapped module: ``fn(module)``."""
-    if wrapper is module and not _is_fsdp2(module):
+    if not engine_wraps(wrapper, module):
         return fn(module)
     had_own_forward = "forward" in module.__dict__
     original = module.forward
@@ -139,7 +140,11 @@ def run_inside_forward(wrapper, module, fn):
         _restore_forward(module, original, had_own_forward)
 
 
-def _is_fsdp2(module) -> bool:
+def engine_wraps(wrapper, module) -> bool:
+    """True when an engine gathers ``module``'s parameters only for the duration of a forward: a wrapper
+    around it (DDP, FSDP1, DeepSpeed), or FSDP2 sharding it in place."""
+    if wrapper is not module:
+        return True
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # pragma: no cover

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..fused import LogitTransform
 from ..solver import work_chunk_rows
-from .loss_path import gathered_parameters, head_weight_problem, output_rows, run_inside_forward
+from .loss_path import engine_wraps, gathered_parameters, head_weight_problem, output_rows, run_inside_forward
 
 TOPK_IDS = "teacher_topk_ids"
 TOPK_LOGPROBS = "teacher_topk_logprobs"
@@ -104,9 +104,12 @@ class TeacherLogProbs:
                 return None, None, None, out.logits.reshape(-1, out.logits.shape[-1])[:, :num_classes]
             hidden = backbone(**inputs, use_cache=False).last_hidden_state
             bias = getattr(head, "bias", None)
-            with gathered_parameters(head.weight, bias):  # copies: shards are freed after the forward
-                w = head.weight[:num_classes].to(torch.float32, copy=True)
-                b = None if bias is None else bias[:num_classes].to(torch.float32, copy=True)
+            # an engine gathered the head for this forward only (FSDP, ZeRO-3): keep a copy; a plain
+            # model's fp32 head is used as it is (no per-batch copy of [V, H])
+            sharded = engine_wraps(teacher, unwrapped) or getattr(weight, "ds_id", None) is not None
+            with gathered_parameters(head.weight, bias):
+                w = head.weight[:num_classes].to(torch.float32, copy=sharded)
+                b = None if bias is None else bias[:num_classes].to(torch.float32, copy=sharded)
             return hidden.reshape(-1, hidden.shape[-1]), w, b, None
 
         with torch.no_grad():
