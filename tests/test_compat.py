@@ -9,18 +9,7 @@ from peft import PromptEncoderConfig, PromptTuningConfig, get_peft_model
 from trl import SFTConfig, SFTTrainer
 
 from hf_fdiv import FDivDistillationConfig, FDivDistillationTrainer, FDivSFTConfig, FDivSFTTrainer
-from tiny import SFT_COMMON, make_model, text_dataset
-
-
-def _step(trainer, model):
-    """(loss of the first batch, its gradients), then the parameters after one SGD step of train()."""
-    batch = next(iter(trainer.get_train_dataloader()))
-    loss = trainer.compute_loss(model, dict(batch))
-    loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
-    trainer.train()
-    return float(loss.detach()), grads, {n: p.detach().clone() for n, p in model.named_parameters()}
+from tiny import SFT_COMMON, first_batch_step, make_model, text_dataset
 
 
 def _assert_same(a, b, tol=1e-5):
@@ -51,7 +40,7 @@ def test_moe_router_loss_equals_stock_sft(tok, tmp_path, fused):
         args = config_cls(output_dir=str(tmp_path / name), per_device_train_batch_size=4, max_steps=1,
                           learning_rate=0.1, optim="sgd", **SFT_COMMON, **extra)
         trainer = trainer_cls(model=model, args=args, train_dataset=text_dataset(8), processing_class=tok)
-        return _step(trainer, model), trainer
+        return first_batch_step(model, trainer), trainer
 
     stock, _ = run(SFTTrainer, SFTConfig, "stock")
     ours, trainer = run(FDivSFTTrainer, FDivSFTConfig, "fdiv", divergence="kl", fdiv_fused=fused)
@@ -77,7 +66,7 @@ def test_prompt_learning_adapters_equal_stock_sft(tok, tmp_path, kind, fused):
         args = config_cls(output_dir=str(tmp_path / name), per_device_train_batch_size=4, max_steps=1,
                           learning_rate=0.1, optim="sgd", **SFT_COMMON, **extra)
         trainer = trainer_cls(model=model, args=args, train_dataset=text_dataset(8), processing_class=tok)
-        return _step(trainer, model)
+        return first_batch_step(model, trainer)
 
     stock = run(SFTTrainer, SFTConfig, "stock")
     ours = run(FDivSFTTrainer, FDivSFTConfig, "fdiv", divergence="kl", fdiv_fused=fused)

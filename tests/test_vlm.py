@@ -16,7 +16,7 @@ from trl import SFTConfig, SFTTrainer
 from hf_fdiv import FDivSFTConfig, FDivSFTTrainer
 from hf_fdiv.trainers import loss_path
 
-from tiny import SFT_COMMON, make_gemma3, make_llava, make_qwen2_vl, make_qwen3_vl, vision_messages_dataset
+from tiny import SFT_COMMON, first_batch_step, make_gemma3, make_llava, make_qwen2_vl, make_qwen3_vl, vision_messages_dataset
 
 MODELS = {"qwen2_vl": make_qwen2_vl, "qwen3_vl": make_qwen3_vl, "llava": make_llava, "gemma3": make_gemma3}
 VISION = ("visual.", "vision_tower.", "multi_modal_projector.")
@@ -51,16 +51,13 @@ def build(make, trainer_cls, config_cls, out, edit_model=None, n=4, **extra):
     return model, trainer
 
 
-def one_step(model, trainer):
-    """(loss, gradients) of the first batch, then the parameters after one SGD step of ``train()``."""
-    batch = next(iter(trainer.get_train_dataloader()))
+def _has_images(batch):
     assert batch["pixel_values"].numel() > 0
-    loss = trainer.compute_loss(model, dict(batch))
-    loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
-    trainer.train()
-    return float(loss.detach()), grads, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def one_step(model, trainer):
+    """(loss, gradients) of the first batch (which carries images), then the parameters after one step."""
+    return first_batch_step(model, trainer, check_batch=_has_images)
 
 
 def worst(a: dict, b: dict) -> float:

@@ -260,3 +260,17 @@ def make_gemma3(seed=0):
         image_token_index=ids("<image_soft_token>"), tie_word_embeddings=False,
     )
     return Gemma3ForConditionalGeneration(config), processor
+
+
+def first_batch_step(model, trainer, check_batch=None):
+    """(loss of the first training batch, its gradients), then the parameters after one step of
+    ``trainer.train()``: what the stock-oracle tests compare. ``check_batch(batch)`` may assert on it."""
+    batch = next(iter(trainer.get_train_dataloader()))
+    if check_batch is not None:
+        check_batch(batch)
+    loss = trainer.compute_loss(model, dict(batch))
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    trainer.train()
+    return float(loss.detach()), grads, {n: p.detach().clone() for n, p in model.named_parameters()}
