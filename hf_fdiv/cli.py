@@ -235,6 +235,10 @@ def _train_save_push(trainer, training_args, dataset_name):
                   f"`hf upload {trainer.hub_model_id} {training_args.output_dir}`.", file=sys.stderr)
             sys.exit(1)
         trainer.accelerator.print(f"Pushed to https://huggingface.co/{trainer.hub_model_id}.")
+    # Leave together and close the process group: under `accelerate launch` a rank that exits while another
+    # still works can abort at interpreter exit (gloo, "terminate called without an active exception").
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
 
 
 def _teacher_topk(argv):

@@ -282,6 +282,11 @@ def main(out: str, engine: str, cases: str) -> None:
             torch.save(result, os.path.join(out, f"{case}-{engine}.pt"))
         print(f"[rank {rank}] {case}/{engine}: {'error' if 'error' in result else 'ok'}", flush=True)
     shutil.rmtree(saved, ignore_errors=True)
+    # Leave together (see dist_worker.py): a rank exiting while another still works can abort at exit.
+    from accelerate.state import PartialState
+
+    PartialState().wait_for_everyone()
+    PartialState().destroy_process_group()
 
 
 if __name__ == "__main__":
