@@ -87,6 +87,7 @@ def _worker(rank, port, out):
     results = {(layout, div): _one_step(rank, layout, div, ids) for layout in LAYOUTS for div in DIVERGENCES}
     if rank == 0:
         torch.save({"ids": ids, "results": results}, out)
+    dist.barrier()  # leave together (see dist_worker.py)
     dist.destroy_process_group()
 
 
