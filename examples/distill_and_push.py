@@ -36,6 +36,8 @@ def main(script_args, training_args, model_args):
           f"mode={training_args.teacher_mode}, divergence={training_args.divergence}, tags={card.data.tags}")
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    trainer.accelerator.wait_for_everyone()  # under `accelerate launch`: leave together (README, Multi-GPU)
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -37,6 +37,8 @@ def main(script_args, training_args, model_args):
     out = model.generate(**prompt, max_new_tokens=16, do_sample=False)
     print("adapter saved to", training_args.output_dir, "| sample:",
           repr(tok.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)))
+    trainer.accelerator.wait_for_everyone()  # under `accelerate launch`: leave together (README, Multi-GPU)
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":
