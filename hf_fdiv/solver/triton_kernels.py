@@ -242,6 +242,14 @@ def _row_target(T, row, ignore_index, HAS_TARGET: tl.constexpr):
 
 
 @triton.jit
+def _target_logit(Xrow, c, m, V):
+    """z_c = x_c - m, read before any write (in-place gradient); NaN for an out-of-range class."""
+    valid_c = (c >= 0) & (c < V)
+    z_c = tl.load(Xrow + tl.where(valid_c, c, 0)).to(tl.float32) - m
+    return tl.where(valid_c, z_c, float("nan"))
+
+
+@triton.jit
 def _write_ignored_row(Grow, LOSS, TAU, SUPP, CONV, row, V, HAS_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
     """An ignored row: loss 0, gradient row 0, nothing solved (reported converged)."""
     if HAS_GRAD:
@@ -292,11 +300,7 @@ def _fdiv_newton_kernel(
             m = tl.max(mv, axis=0)
             zrow = tl.zeros([BLOCK_V], dtype=tl.float32)  # unused
         if HAS_TARGET:
-            # read before any write (in-place gradient); an out-of-range class gives NaN
-            valid_c = (c >= 0) & (c < V)
-            c_safe = tl.where(valid_c, c, 0)
-            z_c = tl.load(Xrow + c_safe).to(tl.float32) - m
-            z_c = tl.where(valid_c, z_c, float("nan"))
+            z_c = _target_logit(Xrow, c, m, V)
 
         # ---- safeguarded monotone Newton from tau_lo ----------------------------------------
         tau = lo0 + 0.0 * m  # fp32 scalar tensor
@@ -407,10 +411,7 @@ def _kl_kernel(
                 m = m_new
             xrow = tl.zeros([BLOCK_V], dtype=tl.float32)  # unused
         if HAS_TARGET:
-            valid_c = (c >= 0) & (c < V)
-            c_safe = tl.where(valid_c, c, 0)
-            z_c = tl.load(Xrow + c_safe).to(tl.float32) - m
-            z_c = tl.where(valid_c, z_c, float("nan"))
+            z_c = _target_logit(Xrow, c, m, V)
         log_s = tl.log(s)
         inv_s = 1.0 / s
 
