@@ -124,27 +124,33 @@ def _text_config(tok, hidden=16, **extra):
                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, **extra)
 
 
-def make_qwen2_vl(seed=0):
-    """(Qwen2VLForConditionalGeneration, processor): 32x32 images -> 4x4 patches of 8 px -> 4 image tokens.
-
-    The processor has no video processor (transformers' needs torchvision): a subclass takes the image
-    processor and the tokenizer only."""
-    import torch
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+def _image_only_qwen_processor(processor_class):
+    """A Qwen-VL processor (``processor_class``: Qwen2VLProcessor or Qwen3VLProcessor) for 32x32 images in
+    8 px patches merged 2x2 (4 image tokens), built without a video processor: transformers' needs
+    torchvision, so a subclass passes the image processor and the tokenizer only."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+    class ImageOnlyProcessor(processor_class):
         def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
             super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
 
-    tok = _vlm_tokenizer(["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"])
-    ids = tok.convert_tokens_to_ids
-    processor = ImageOnlyQwen2VLProcessor(
+    return ImageOnlyProcessor(
         image_processor=Qwen2VLImageProcessorPil(min_pixels=32 * 32, max_pixels=32 * 32, patch_size=8, merge_size=2,
                                                  temporal_patch_size=2),
-        tokenizer=tok,
+        tokenizer=_vlm_tokenizer(["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]),
         chat_template=VLM_CHAT_TEMPLATE.replace("@IMAGE@", "<|vision_start|><|image_pad|><|vision_end|>"),
     )
+
+
+def make_qwen2_vl(seed=0):
+    """(Qwen2VLForConditionalGeneration, processor): 32x32 images -> 4x4 patches of 8 px -> 4 image tokens
+    (the processor: :func:`_image_only_qwen_processor`)."""
+    import torch
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+
+    processor = _image_only_qwen_processor(Qwen2VLProcessor)
+    tok = processor.tokenizer
+    ids = tok.convert_tokens_to_ids
     torch.manual_seed(seed)
     config = Qwen2VLConfig(
         text_config=_text_config(tok, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
@@ -207,20 +213,10 @@ def make_qwen3_vl(seed=0):
     4 image tokens), with Qwen3-VL's deepstack (vision features added to the first text layer)."""
     import torch
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-
-    tok = _vlm_tokenizer(["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"])
+    processor = _image_only_qwen_processor(Qwen3VLProcessor)
+    tok = processor.tokenizer
     ids = tok.convert_tokens_to_ids
-    processor = ImageOnlyQwen3VLProcessor(
-        image_processor=Qwen2VLImageProcessorPil(min_pixels=32 * 32, max_pixels=32 * 32, patch_size=8, merge_size=2,
-                                                 temporal_patch_size=2),
-        tokenizer=tok,
-        chat_template=VLM_CHAT_TEMPLATE.replace("@IMAGE@", "<|vision_start|><|image_pad|><|vision_end|>"),
-    )
     torch.manual_seed(seed)
     text = _text_config(tok, head_dim=4, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                           "mrope_section": [1, 1, 0], "mrope_interleaved": True})
