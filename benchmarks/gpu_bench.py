@@ -62,6 +62,8 @@ import hf_fdiv
 from hf_fdiv import f_softargmax, fdiv_loss
 from hf_fdiv.fused import LogitTransform, fused_linear_fdiv_loss
 
+from loss_bench import cpu_name
+
 GiB = 2**30
 ENV = "HF_FDIV_SOLVER"
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -602,17 +604,6 @@ TABLE_HEAD = ("| case | impl | backend | shape, dtype | time ms | peak GiB | x b
 
 def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "device"
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
 
 
 def device_name(device) -> str:

@@ -80,7 +80,7 @@ def cpu_name() -> str:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return platform.processor() or platform.machine() or "cpu"
 
 
 def make_cases(N: int, V: int, include_bisect: bool):

@@ -13,6 +13,7 @@ SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_bench.py")
 
 def _load():
     if "gpu_bench" not in sys.modules:
+        sys.path.insert(0, os.path.dirname(SCRIPT))  # as `python benchmarks/gpu_bench.py` has it (loss_bench)
         spec = importlib.util.spec_from_file_location("gpu_bench", SCRIPT)
         mod = importlib.util.module_from_spec(spec)
         sys.modules["gpu_bench"] = mod  # its dataclasses look the module up
