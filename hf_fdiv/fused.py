@@ -28,7 +28,7 @@ from torch import Tensor
 from .divergences import DivergenceSpec, FDivergence, get_divergence
 from .losses import IGNORE_INDEX, RowStats, check_target_ids, onehot_loss, soft_target_loss
 from .solver import RowProvider, prepare_reference, rows_per_chunk, solve_rows, solver_backend
-from .solver.grad_buffer import first_order_only, freed_error, graph_retained, scale_all
+from .solver.grad_buffer import first_order_only, scale_all, take_buffer
 
 __all__ = ["fused_linear_fdiv_loss", "LogitTransform", "FUSED_CHUNK_ELEMENTS", "FUSED_DEVICE_CHUNK_ELEMENTS"]
 
@@ -282,12 +282,7 @@ class FusedLinearFDivFunction(torch.autograd.Function):
         # In place when this backward frees the graph, scaled copies when it is retained
         # (hf_fdiv.solver.grad_buffer): any number of backward calls, no extra memory in the common case.
         first_order_only("fused_linear_fdiv_loss")
-        grads = ctx.grads
-        if grads is None:
-            raise freed_error("fused_linear_fdiv_loss")
-        keep = graph_retained()
-        if not keep:
-            ctx.grads = None
+        grads, keep = take_buffer(ctx, "grads", "fused_linear_fdiv_loss")
         out = [scale_all(g, grad_out, not keep) for g in grads]
         return out[0], out[1], out[2], None
 

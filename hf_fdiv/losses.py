@@ -45,7 +45,7 @@ from .solver import (
     work_chunk_rows,
 )
 from .solver import learnable_alpha
-from .solver.grad_buffer import first_order_only, freed_error, graph_retained, scale_rows
+from .solver.grad_buffer import first_order_only, scale_rows, take_buffer
 
 __all__ = [
     "fdiv_loss",
@@ -232,12 +232,7 @@ def _scaled_gradient(ctx, grad_losses: Tensor, name: str = "fdiv_loss") -> Tenso
     backward frees the graph, a scaled copy when the graph is kept (:mod:`hf_fdiv.solver.grad_buffer`)."""
     if not ctx.needs_input_grad[0]:
         return None
-    grad = ctx.grad_buffer
-    if grad is None:
-        raise freed_error(name)
-    keep = graph_retained()
-    if not keep:
-        ctx.grad_buffer = None  # released before returning: the caller may keep the buffer itself
+    grad, keep = take_buffer(ctx, "grad_buffer", name)
     return scale_rows(grad, grad_losses, not keep, work_chunk_rows(grad, grad.shape[1]))
 
 

@@ -35,7 +35,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["graph_retained", "scale_rows", "scale_all", "first_order_only", "freed_error", "CAN_DETECT_RETAIN"]
+__all__ = [
+    "graph_retained", "take_buffer", "scale_rows", "scale_all", "first_order_only", "freed_error", "CAN_DETECT_RETAIN",
+]
 
 _KEEP_GRAPH = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
 #: False on a torch without the engine query: buffers are then scaled in place and a second backward
@@ -64,6 +66,19 @@ def freed_error(name: str) -> RuntimeError:
         f"{name}: backward ran again through a graph that an earlier backward freed (its gradient buffer "
         f"was scaled in place and released): {hint}."
     )
+
+
+def take_buffer(ctx, attr: str, name: str):
+    """(``ctx.<attr>``, keep): the gradient buffer(s) the forward stored and whether this backward keeps
+    the graph. Released from ``ctx`` when it does not (the caller may then scale in place and hand the
+    buffer out); raises :func:`freed_error` when an earlier backward already released it."""
+    buffer = getattr(ctx, attr)
+    if buffer is None:
+        raise freed_error(name)
+    keep = graph_retained()
+    if not keep:
+        setattr(ctx, attr, None)
+    return buffer, keep
 
 
 def _row_chunks(n: int, step: int):

@@ -47,7 +47,7 @@ from torch import Tensor
 from ..divergences import FDivergence
 from .batched import BATCHED_NON_MONOTONE_PASSES, BATCHED_PASSES, backend_chunk_rows
 from .core import NewtonPolicy, compute_dtype, newton_solve, nonfinite_error, row_chunks
-from .grad_buffer import first_order_only, freed_error, graph_retained, scale_rows
+from .grad_buffer import first_order_only, scale_rows, take_buffer
 from .reference import reference_rows
 
 __all__ = [
@@ -407,15 +407,8 @@ class AlphaFYLossFunction(torch.autograd.Function):
         (dl_da,) = ctx.saved_tensors
         dx = None
         if ctx.needs_input_grad[0]:
-            grad = ctx.grad_buffer
-            if grad is None:
-                raise freed_error("fdiv_loss")
-            keep = graph_retained()
-            if not keep:
-                ctx.grad_buffer = None
-            V = grad.shape[1]
-            step = backend_chunk_rows(ctx.backend, V)
-            dx = scale_rows(grad, grad_losses, not keep, step)
+            grad, keep = take_buffer(ctx, "grad_buffer", "fdiv_loss")
+            dx = scale_rows(grad, grad_losses, not keep, backend_chunk_rows(ctx.backend, grad.shape[1]))
         da = (grad_losses.to(dl_da.dtype) * dl_da).to(ctx.alpha_dtype) if ctx.needs_input_grad[1] else None
         return dx, da, None, None, None, None, None, None, None
 
