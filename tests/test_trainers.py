@@ -351,3 +351,19 @@ def test_configs_validate_and_parse(tmp_path):
         ["--output_dir", str(tmp_path), "--reference", str(prior)]
     )
     assert cfg.reference == str(prior)
+
+
+@pytest.mark.parametrize("packing", [False, True])  # packed batches are padding-free: position_ids, no mask
+def test_num_tokens_equals_stock_sft(tok, tmp_path, packing):
+    # the token count rides in the same gather as the loss metrics: it must still equal TRL's own count
+    def history(trainer_cls, config_cls, out):
+        cfg = config_cls(output_dir=str(tmp_path / out), per_device_train_batch_size=3, max_steps=3,
+                         packing=packing, **SFT_COMMON)
+        tr = trainer_cls(model=make_model(tok), args=cfg, train_dataset=messages_dataset(9), processing_class=tok)
+        tr.train()
+        return [h["num_tokens"] for h in tr.state.log_history if "loss" in h]
+
+    stock = history(SFTTrainer, SFTConfig, "stock")
+    ours = history(FDivSFTTrainer, FDivSFTConfig, "fdiv")
+    assert len(stock) == 3 and stock[0] > 0
+    assert ours == stock

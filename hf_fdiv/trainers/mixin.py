@@ -32,6 +32,15 @@ def _output(outputs, key: str):
     return getattr(outputs, key, None)
 
 
+def _input_tokens(inputs: dict) -> Tensor:
+    """The batch's input tokens, as TRL's SFT counts them for ``num_tokens`` (0-d, on the batch's device)."""
+    if "attention_mask" in inputs:
+        return inputs["attention_mask"].sum()
+    if "position_ids" in inputs:  # padding-free batches carry no attention mask
+        return torch.tensor(inputs["position_ids"].numel(), device=inputs["position_ids"].device)
+    return torch.tensor(inputs["input_ids"].numel(), device=inputs["input_ids"].device)
+
+
 class FDivTrainerMixin:
     """Shared ``compute_loss`` / metrics / model card for f-divergence trainers.
 
@@ -201,9 +210,12 @@ class FDivTrainerMixin:
 
     # ------------------------------------------------------------------ metrics
     def _record_fdiv_metrics(self, mode: str, sums: Tensor, inputs: dict) -> None:
+        # one gather (and one host read) per step: the loss's metric sums and, in training, the batch's tokens
         local = sums.to(self.accelerator.device)
-        total = self.accelerator.gather_for_metrics(local[None]).reshape(-1, len(METRIC_KEYS)).sum(0).tolist()
-        support, entropy, correct, count, nonfinite = total
+        if mode == "train":
+            local = torch.cat([local, _input_tokens(inputs).reshape(1).to(local)])
+        total = self.accelerator.gather_for_metrics(local[None]).reshape(-1, local.numel()).sum(0).tolist()
+        support, entropy, correct, count, nonfinite = total[: len(METRIC_KEYS)]
         metrics = self._metrics[mode]
         if self.fdiv_skip_nonfinite:
             self._total_nonfinite += int(nonfinite)
@@ -213,14 +225,7 @@ class FDivTrainerMixin:
             metrics["entropy"].append(entropy / count)
             metrics["mean_token_accuracy"].append(correct / count)
         if mode == "train":
-            if "attention_mask" in inputs:
-                n = inputs["attention_mask"].sum()
-            elif "position_ids" in inputs:  # padding-free batches carry no attention mask
-                n = torch.tensor(inputs["position_ids"].numel(), device=inputs["position_ids"].device)
-            else:
-                n = torch.tensor(inputs["input_ids"].numel(), device=inputs["input_ids"].device)
-            n = self.accelerator.gather_for_metrics(n.reshape(1)).sum().item()
-            self._total_train_tokens += int(n) // max(1, self.get_tp_size())
+            self._total_train_tokens += int(total[-1]) // max(1, self.get_tp_size())
         metrics["num_tokens"] = [self._total_train_tokens]
 
     def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
