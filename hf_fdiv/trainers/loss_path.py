@@ -34,6 +34,7 @@ __all__ = [
     "output_rows",
     "virtual_tokens",
     "align_to_virtual_tokens",
+    "text_config",
     "METRIC_KEYS",
 ]
 
@@ -74,6 +75,11 @@ def _is_plain_linear(module) -> bool:
     return isinstance(getattr(module, "weight", None), Tensor)
 
 
+def text_config(config):
+    """The language model's config: a vision-language model's text config, else ``config`` itself."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def fused_head(unwrapped_model):
     """(backbone, head, config) when the loss can be fused with the LM head, else None.
 
@@ -93,8 +99,7 @@ def fused_head(unwrapped_model):
         return None
     # A vision-language model keeps the logit scale / softcap on its text config: read it there, as TRL's fused
     # LM head (trl.trainer.utils.add_fused_lm_head) does.
-    config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
-    return backbone, head, config
+    return backbone, head, text_config(base.config)
 
 
 def _loss_from_logits(logits, targets, make_inputs, num_classes, settings: LossSettings):
@@ -201,8 +206,7 @@ def output_rows(model) -> int:
         shape = weight.shape
     if shape is not None and len(shape) == 2:
         return int(shape[0])
-    config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
-    return int(config.vocab_size)
+    return int(text_config(base.config).vocab_size)
 
 
 _warned: set = set()

@@ -20,8 +20,16 @@ from ..losses import IGNORE_INDEX
 from ..solver import NonFiniteLogitsError
 from . import model_card
 from .arguments import FDivLossArguments, load_reference
-from .loss_path import METRIC_KEYS, LossInputs, LossSettings, align_to_virtual_tokens, fdiv_token_loss, fused_head
-from .loss_path import output_rows
+from .loss_path import (
+    METRIC_KEYS,
+    LossInputs,
+    LossSettings,
+    align_to_virtual_tokens,
+    fdiv_token_loss,
+    fused_head,
+    output_rows,
+    text_config,
+)
 
 __all__ = ["FDivLossArguments", "FDivTrainerMixin", "LossInputs", "IGNORE_INDEX"]
 
@@ -150,7 +158,7 @@ class FDivTrainerMixin:
         if hasattr(self, "aux_loss_enabled"):  # SFTTrainer decided (and set the model config accordingly)
             return bool(self.aux_loss_enabled), float(getattr(self, "router_aux_loss_coef", 0.0) or 0.0)
         config = getattr(self.accelerator.unwrap_model(self.model), "config", None)
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        text = text_config(config)
         coef = float(getattr(text, "router_aux_loss_coef", 0.0) or 0.0)
         return bool(getattr(text, "output_router_logits", False)) and coef != 0.0, coef
 
