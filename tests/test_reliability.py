@@ -127,6 +127,24 @@ def test_labels_out_of_range_name_the_step(tok, tmp_path):
         tr.train()
 
 
+@pytest.mark.parametrize("mode", ["target", "reference"])
+def test_distillation_labels_out_of_range_name_the_step(tok, tmp_path, mode):
+    tr = FDivDistillationTrainer(model=make_model(tok), teacher_model=make_model(tok, hidden=32, seed=1),
+                                 args=FDivDistillationConfig(output_dir=str(tmp_path), max_steps=1, teacher_mode=mode,
+                                                             **SFT_COMMON),
+                                 train_dataset=messages_dataset(4), processing_class=tok)
+    collate = tr.data_collator
+
+    def bad_labels(features):
+        batch = collate(features)
+        batch["labels"][0, 3] = len(tok) + 5
+        return batch
+
+    tr.data_collator = bad_labels
+    with pytest.raises(ValueError, match=rf"training step 1: target id {len(tok) + 5} is out of range for V={len(tok)}"):
+        tr.train()
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_batch_without_target_tokens(tok, tmp_path, fused):
     class NoTargets(DataCollatorForLanguageModeling):

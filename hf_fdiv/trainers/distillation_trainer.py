@@ -23,6 +23,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from ..losses import check_target_ids
 from ..solver import RowProvider
 from .mixin import IGNORE_INDEX, LossInputs
 from .reference_constant import ReferenceConstant
@@ -171,10 +172,8 @@ class FDivDistillationTrainer(FDivSFTTrainer):
         args = self.args
         V = num_classes
         t = targets.reshape(-1)
+        check_target_ids(t, V)  # before any teacher row is read by these ids
         rows = (t != IGNORE_INDEX).nonzero().squeeze(1)
-        bad = (t[rows] < 0) | (t[rows] >= V)
-        if bool(bad.any()):
-            raise ValueError(f"label ids must be in [0, {V}) or {IGNORE_INDEX}; got {int(t[rows][bad][0])}.")
         teacher = self._teacher_log_probs(inputs)
         if args.teacher_mode == "target":
             lam = args.label_weight
