@@ -18,7 +18,7 @@ from .divergences import (
 from .losses import FDivLoss, causal_lm_fdiv_loss, fdiv_loss
 from .solver import f_softargmax, f_softmax
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # The trainers import transformers and TRL (seconds): load them on first use only.
 _LAZY = {

@@ -5,6 +5,7 @@
                          [--teacher_mode target|reference] [--temperature 1.0] [--lmbda 0.0]
     hf-fdiv teacher-topk --teacher_model_name_or_path T --dataset_name D --k 64 --output_dir O
     hf-fdiv demo         [--steps N] [--output_dir O] [--student_hidden 128] ...
+    hf-fdiv --version
 
 Every command accepts ``--help`` (hf_fdiv's own options are listed first) and ``--config file.yaml``;
 flags override the YAML. ``--bf16`` defaults to ``auto`` (on with a bf16-capable CUDA GPU, else off).
@@ -283,6 +284,11 @@ def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
+        return
+    if argv[0] in ("-V", "--version"):
+        from . import __version__
+
+        print(f"hf-fdiv {__version__}")
         return
     command, rest = argv[0], argv[1:]
     handlers = {"sft": _sft, "distill": _distill, "teacher-topk": _teacher_topk, "demo": _demo}

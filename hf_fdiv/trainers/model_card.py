@@ -1,8 +1,7 @@
 """Model cards for models trained with hf_fdiv: metadata (base model, library, tags) plus a text
 that states the loss (divergence, alpha, reference measure) and cites the paper.
 
-The template is ``model_cards/fdiv_model_card.md`` in the repository, shipped in the package as
-``hf_fdiv.model_cards``.
+The template is ``hf_fdiv/model_cards/fdiv_model_card.md``, package data of ``hf_fdiv.model_cards``.
 """
 
 from __future__ import annotations
@@ -38,11 +37,7 @@ _DIVERGENCE_TEXT = {
 
 
 def template_path() -> str:
-    try:
-        return str(resources.files("hf_fdiv.model_cards").joinpath(TEMPLATE_NAME))
-    except ModuleNotFoundError:  # running from a source tree without installation
-        here = os.path.dirname(os.path.abspath(__file__))
-        return os.path.join(here, "..", "..", "model_cards", TEMPLATE_NAME)
+    return str(resources.files("hf_fdiv.model_cards").joinpath(TEMPLATE_NAME))
 
 
 def describe_divergence(div: FDivergence) -> str:
