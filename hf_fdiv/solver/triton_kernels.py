@@ -242,6 +242,14 @@ def _row_target(T, row, ignore_index, HAS_TARGET: tl.constexpr):
 
 
 @triton.jit
+def _nan_as_inf(x):
+    """x with NaN read as +inf, for the row max: tl.max / tl.maximum drop NaN (maxnum), and the clip at
+    f'(0) would then solve the row as if the NaN class were excluded, with a finite loss. With m = +inf
+    the row's loss / p is non-finite and the PyTorch path redoes it, raising NonFiniteLogitsError."""
+    return tl.where(x != x, float("inf"), x)
+
+
+@triton.jit
 def _target_logit(Xrow, c, m, V):
     """z_c = x_c - m, read before any write (in-place gradient); NaN for an out-of-range class."""
     valid_c = (c >= 0) & (c < V)
@@ -289,14 +297,14 @@ def _fdiv_newton_kernel(
         # ---- pass 0: row max (and the row itself when it fits in one tile) --------------------
         if ONE_BLOCK:
             xrow = tl.load(Xrow + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-            m = tl.max(xrow, axis=0)
+            m = tl.max(_nan_as_inf(xrow), axis=0)
             zrow = xrow - m
         else:
             mv = tl.full([BLOCK_V], float("-inf"), dtype=tl.float32)
             for start in range(0, V, BLOCK_V):
                 cols = start + offs
                 x = tl.load(Xrow + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-                mv = tl.maximum(mv, x)
+                mv = tl.maximum(mv, _nan_as_inf(x))
             m = tl.max(mv, axis=0)
             zrow = tl.zeros([BLOCK_V], dtype=tl.float32)  # unused
         if HAS_TARGET:
