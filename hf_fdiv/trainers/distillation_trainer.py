@@ -21,30 +21,18 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
-from torch import Tensor
 
-from ..losses import check_target_ids
-from ..solver import RowProvider
-from .mixin import IGNORE_INDEX, LossInputs
-from .reference_constant import ReferenceConstant
+from .mixin import IGNORE_INDEX
 from .sft_trainer import FDivSFTConfig, FDivSFTTrainer
-from .teacher import TOPK_IDS, TOPK_LOGPROBS, TeacherLogProbs, TopKLogProbs, common_vocab, load_teacher, prepare_teacher
-from .loss_path import output_rows, virtual_tokens
+from .teacher import TOPK_IDS, TOPK_LOGPROBS, TopKLogProbs, load_teacher, prepare_teacher
+from .teacher_loss import TeacherLossMixin, TeacherModeArguments
+from .loss_path import virtual_tokens
 from .teacher import pad_topk
-
-TEACHER_MODES = ("target", "reference")
-_MODE_TEXT = {
-    "target": "the teacher's distribution at temperature T is the target y (classic distillation); the student "
-    "is a standalone model",
-    "reference": "the teacher's distribution at temperature T is the reference measure q and the data labels are "
-    "the targets: the student learns a correction to the teacher, and the predictor is "
-    "f-softargmax(student logits; q_teacher), which needs the teacher at inference",
-}
 
 
 @dataclass
-class FDivDistillationConfig(FDivSFTConfig):
-    """``FDivSFTConfig`` plus the teacher and the distillation mode."""
+class FDivDistillationConfig(TeacherModeArguments, FDivSFTConfig):
+    """``FDivSFTConfig`` plus the teacher and the distillation mode (:class:`TeacherModeArguments`)."""
 
     teacher_model_name_or_path: Optional[str] = field(
         default=None, metadata={"help": "Teacher name or path, when `teacher_model` is not passed to the trainer."}
@@ -52,22 +40,7 @@ class FDivDistillationConfig(FDivSFTConfig):
     teacher_model_init_kwargs: Optional[dict] = field(
         default=None, metadata={"help": "Keyword arguments for AutoModelForCausalLM.from_pretrained of the teacher."}
     )
-    teacher_mode: str = field(
-        default="target",
-        metadata={"help": "'target': teacher probabilities are the target y (student usable alone). 'reference': "
-                  "teacher probabilities are the reference measure q, data labels the target (student = correction)."},
-    )
     temperature: float = field(default=1.0, metadata={"help": "Teacher temperature T (teacher logits / T)."})
-    label_weight: float = field(
-        default=0.0, metadata={"help": "target mode: y = label_weight * one-hot(label) + (1 - label_weight) * teacher."}
-    )
-    reference_floor: float = field(
-        default=1e-12,
-        metadata={"help": "reference mode: q = max(q_teacher, floor), so that no target class has q = 0."},
-    )
-    reference_mix: float = field(
-        default=0.0, metadata={"help": "reference mode: q = (1 - mix) * q_teacher + mix / V before the floor."}
-    )
     lmbda: float = field(
         default=0.0,
         metadata={"help": "On-policy fraction: probability that an optimizer step trains on completions the student "
@@ -80,21 +53,12 @@ class FDivDistillationConfig(FDivSFTConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.teacher_mode not in TEACHER_MODES:
-            raise ValueError(f"teacher_mode must be one of {TEACHER_MODES}, got {self.teacher_mode!r}.")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}.")
-        for name in ("label_weight", "reference_mix", "lmbda"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {value}.")
-        if self.reference_floor < 0:
-            raise ValueError(f"reference_floor must be >= 0, got {self.reference_floor}.")
-        if self.label_weight > 0 and self.teacher_mode != "target":
-            raise ValueError("label_weight mixes the data label into the target: it needs teacher_mode='target'.")
+        self._validate_teacher_mode()
+        if not 0.0 <= self.lmbda <= 1.0:
+            raise ValueError(f"lmbda must be in [0, 1], got {self.lmbda}.")
 
 
-class FDivDistillationTrainer(FDivSFTTrainer):
+class FDivDistillationTrainer(TeacherLossMixin, FDivSFTTrainer):
     """Distillation with an f-divergence loss, on FDivSFTTrainer's data formats (text,
     prompt/completion, messages). See the module docstring for what each ``teacher_mode`` means.
 
@@ -129,22 +93,16 @@ class FDivDistillationTrainer(FDivSFTTrainer):
             raise ValueError("on-policy generation (lmbda > 0) needs padded batches: disable packing/padding_free.")
         teacher = load_teacher(teacher_model, args.teacher_model_init_kwargs)
         super().__init__(model=model, args=args, **kwargs)
-        tokenizer = self.processing_class
-        tok_len = len(tokenizer) if tokenizer is not None and hasattr(tokenizer, "__len__") else None
         if virtual_tokens(self.accelerator.unwrap_model(self.model)):
             raise ValueError(
                 "FDivDistillationTrainer does not support prompt-learning adapters (prompt tuning, P-tuning): the "
                 "student's virtual tokens have no teacher counterpart. Use a weight-based adapter such as LoRA, or "
                 "train the prompt with FDivSFTTrainer."
             )
-        student_rows = output_rows(self.accelerator.unwrap_model(self.model))
-        self.num_classes = student_rows
         self.teacher_model = None
         self._teacher_description = "stored top-k log-probabilities (offline teacher)"
+        self._fdiv_setup_teacher_classes(teacher)
         if teacher is not None:
-            self.num_classes = common_vocab(student_rows, output_rows(teacher), tok_len)
-            name = getattr(teacher.config, "_name_or_path", "") or f"a `{type(teacher).__name__}` built in code"
-            self._teacher_description = name
             self.teacher_model = prepare_teacher(teacher, self.accelerator)
             self.teacher_model.eval()  # prepare_model leaves it in training mode
         if self._offline:
@@ -155,55 +113,10 @@ class FDivDistillationTrainer(FDivSFTTrainer):
             self.model.add_model_tags([f"teacher-{args.teacher_mode}"])
 
     # ------------------------------------------------------------------ loss
-    def _teacher_log_probs(self, inputs: dict):
-        T = self.args.temperature
+    def _fdiv_teacher_log_probs(self, inputs: dict):
         if TOPK_IDS in inputs:
-            return TopKLogProbs(inputs[TOPK_IDS], inputs[TOPK_LOGPROBS], self.num_classes, T)
-        if self.teacher_model is None:
-            raise ValueError("this batch has no teacher top-k columns and the trainer has no teacher model.")
-        model_inputs = {k: v for k, v in inputs.items() if k not in self._fdiv_batch_keys}
-        return TeacherLogProbs(self.teacher_model, model_inputs, self.num_classes, T, out_device=inputs["input_ids"].device,
-                               unwrapped=self.accelerator.unwrap_model(self.teacher_model))
-
-    def fdiv_num_classes(self, vocab_rows: int) -> int:
-        return self.num_classes
-
-    def fdiv_loss_spec(self, targets: Tensor, inputs: dict, num_classes: int) -> LossInputs:
-        args = self.args
-        V = num_classes
-        t = targets.reshape(-1)
-        check_target_ids(t, V)  # before any teacher row is read by these ids
-        rows = (t != IGNORE_INDEX).nonzero().squeeze(1)
-        teacher = self._teacher_log_probs(inputs)
-        if args.teacher_mode == "target":
-            lam = args.label_weight
-
-            def target_rows(r):
-                y = teacher(r).exp_()
-                if lam > 0:
-                    y.mul_(1 - lam).scatter_add_(1, t[r][:, None], torch.full_like(y[:, :1], lam))
-                return y
-
-            return LossInputs(RowProvider(target_rows), self._fdiv_reference_for(t.device), rows, t)
-        floor, mix = args.reference_floor, args.reference_mix
-        constant = self._reference_constant = ReferenceConstant(self.fdiv_divergence, t, rows)  # logged, see below
-
-        def reference_rows(r):
-            q = teacher(r).exp_()
-            if mix > 0:
-                q.mul_(1 - mix).add_(mix / V)
-            q = q.clamp_(min=floor) if floor > 0 else q
-            constant.record(r, q)
-            return q
-
-        return LossInputs(t, RowProvider(reference_rows), rows, None)
-
-    def _record_fdiv_metrics(self, mode: str, sums: Tensor, inputs: dict) -> None:
-        super()._record_fdiv_metrics(mode, sums, inputs)
-        # reference mode: D_f(e_c, q_teacher), the part of the loss no student changes (`reference_constant`)
-        constant, self._reference_constant = getattr(self, "_reference_constant", None), None
-        if constant is not None:
-            constant.log_to(self, mode)
+            return TopKLogProbs(inputs[TOPK_IDS], inputs[TOPK_LOGPROBS], self.num_classes, self.args.temperature)
+        return super()._fdiv_teacher_log_probs(inputs)
 
     # ------------------------------------------------------------------ on-policy
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -252,23 +165,6 @@ class FDivDistillationTrainer(FDivSFTTrainer):
         collator = self.data_collator.base if isinstance(self.data_collator, _TopKCollator) else self.data_collator
         new = collator(features)
         return {k: v.to(ids.device) if torch.is_tensor(v) else v for k, v in new.items()}
-
-    # ------------------------------------------------------------------ card
-    def fdiv_card_fields(self) -> dict:
-        fields = super().fdiv_card_fields()
-        fields.update(
-            teacher=self._teacher_description,
-            teacher_mode=self.args.teacher_mode,
-            teacher_mode_text=_MODE_TEXT[self.args.teacher_mode],
-            temperature=self.args.temperature,
-        )
-        if self.args.teacher_mode == "reference":
-            fields["reference"] = (
-                f"the teacher's probabilities at T = {self.args.temperature:g} (floor {self.args.reference_floor:g}"
-                + (f", uniform mix {self.args.reference_mix:g}" if self.args.reference_mix else "")
-                + ")"
-            )
-        return fields
 
 
 class _TopKCollator:

@@ -116,6 +116,26 @@ class TeacherLogProbs:
             self.hidden, self.weight, self.bias, self.logits = run_inside_forward(teacher, unwrapped, forward)
         self.transform = LogitTransform.from_config(unwrapped.config)
 
+    @classmethod
+    def from_hidden(cls, hidden: Tensor, head, config, num_classes: int, temperature: float,
+                    out_device=None) -> "TeacherLogProbs":
+        """Rows of teacher hidden states already computed ([N, H_t], e.g. by TRL's DistillationTrainer,
+        which runs the teacher backbone inside its engine wrapper) projected through the teacher's
+        ``head`` (an FSDP2 DTensor head is gathered once, a ZeRO-3 one inside this call)."""
+        self = cls.__new__(cls)
+        self.num_classes, self.temperature = num_classes, float(temperature)
+        self.device, self.out_device = hidden.device, out_device
+        self.hidden, self.logits = hidden.reshape(-1, hidden.shape[-1]), None
+        weight, bias = head.weight, getattr(head, "bias", None)
+        if hasattr(weight, "full_tensor"):  # FSDP2 shard: one all-gather for the whole batch
+            weight = weight.full_tensor()
+            bias = bias.full_tensor() if bias is not None else None
+        with torch.no_grad(), gathered_parameters(weight, bias):
+            self.weight = weight[:num_classes].to(torch.float32, copy=weight is not head.weight)
+            self.bias = None if bias is None else bias[:num_classes].to(torch.float32, copy=bias is not head.bias)
+        self.transform = LogitTransform.from_config(config)
+        return self
+
     def __call__(self, rows) -> Tensor:
         if torch.is_tensor(rows):
             rows = rows.to(self.device)
