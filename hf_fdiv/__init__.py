@@ -29,6 +29,10 @@ _LAZY = {
     "FDivDistillationTrainer": "trainers",
     "FDivDistillationConfig": "trainers",
     "add_teacher_topk": "trainers",
+    "FDivOnPolicyDistillationTrainer": "trainers",
+    "FDivOnPolicyDistillationConfig": "trainers",
+    "FDivGKDTrainer": "trainers",
+    "FDivGKDConfig": "trainers",
 }
 
 
