@@ -1,7 +1,8 @@
 """Write tiny offline assets for the examples' tiny mode (what CI runs):
 
     python examples/tiny_assets.py /tmp/tiny
-    # -> /tmp/tiny/student, /tmp/tiny/teacher (models + tokenizer), /tmp/tiny/data/train.jsonl (messages)
+    # -> /tmp/tiny/student, /tmp/tiny/teacher (models + tokenizer), /tmp/tiny/data/train.jsonl (messages),
+    #    /tmp/tiny/prompts/train.jsonl (prompts only)
 
 Everything is built in code (a character-level tokenizer with a ChatML template, Qwen2 models with
 hidden sizes 16 and 32): nothing is downloaded.
@@ -68,7 +69,12 @@ def main(out: str) -> None:
         for i in range(32):
             q, a = PAIRS[i % len(PAIRS)]
             fh.write(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n")
-    print(f"tiny assets in {out}: student/, teacher/, data/train.jsonl")
+    # prompts only, for on-policy distillation (the student writes the completions)
+    os.makedirs(os.path.join(out, "prompts"), exist_ok=True)
+    with open(os.path.join(out, "prompts", "train.jsonl"), "w") as fh:
+        for i in range(32):
+            fh.write(json.dumps({"prompt": [{"role": "user", "content": PAIRS[i % len(PAIRS)][0]}]}) + "\n")
+    print(f"tiny assets in {out}: student/, teacher/, data/train.jsonl, prompts/train.jsonl")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
     hf-fdiv sft          --model_name_or_path M --dataset_name D --output_dir O [--divergence alpha:1.5] [--use_peft]
     hf-fdiv distill      --model_name_or_path S --teacher_model_name_or_path T --dataset_name D --output_dir O
                          [--teacher_mode target|reference] [--temperature 1.0] [--lmbda 0.0]
+    hf-fdiv distill --on-policy --model_name_or_path S --teacher_model_name_or_path T --dataset_name PROMPTS
+                         --output_dir O [--divergence alpha:1.5] [--max_completion_length 512] (trl.DistillationTrainer)
     hf-fdiv teacher-topk --teacher_model_name_or_path T --dataset_name D --k 64 --output_dir O
     hf-fdiv demo         [--steps N] [--output_dir O] [--student_hidden 128] ...
     hf-fdiv --version
@@ -198,6 +200,8 @@ def _sft(argv):
 
 
 def _distill(argv):
+    if "--on-policy" in argv:
+        return _distill_on_policy([a for a in argv if a != "--on-policy"])
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import ModelConfig, get_peft_config
 
@@ -218,6 +222,29 @@ def _distill(argv):
         train_dataset=train,
         eval_dataset=evaluation,
         processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+    )
+    _train_save_push(trainer, training_args, script_args.dataset_name)
+
+
+def _distill_on_policy(argv):
+    """TRL's DistillationTrainer (the student writes the completions of a `prompt` dataset) with the f-divergence."""
+    from trl import ModelConfig, get_peft_config
+
+    from .trainers import FDivOnPolicyDistillationConfig, FDivOnPolicyDistillationTrainer
+
+    parser = make_parser((script_arguments_class(), FDivOnPolicyDistillationConfig, ModelConfig),
+                         prog="hf-fdiv distill --on-policy")
+    script_args, training_args, model_args = parser.parse_args_and_config(argv)
+    if training_args.teacher_model_name_or_path is None:
+        parser.error("distill --on-policy needs --teacher_model_name_or_path.")
+    train, evaluation = train_eval_datasets(script_args, training_args)
+    trainer = FDivOnPolicyDistillationTrainer(
+        model=model_args.model_name_or_path,
+        teacher_model=training_args.teacher_model_name_or_path,
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=evaluation,
         peft_config=get_peft_config(model_args),
     )
     _train_save_push(trainer, training_args, script_args.dataset_name)
