@@ -185,6 +185,8 @@ class FDivLossFunction(torch.autograd.Function):
             for sol in solve_rows(
                 x, q, div, rows=rows, out=out, max_iter=options.max_iter, skip_nonfinite=options.skip_nonfinite
             ):
+                if options.with_stats:  # before p - y is written over p (the solver's p may be the buffer)
+                    stats.write(sol.rows, sol)
                 if onehot:
                     c = target[sol.rows]
                     loss_c = onehot_loss(sol, c, div)
@@ -213,8 +215,6 @@ class FDivLossFunction(torch.autograd.Function):
                 bad = ~ok if sol.uncertain is None else ~ok & ~sol.uncertain
                 infinite = infinite | bad.any()
                 losses[sol.rows] = loss_c
-                if options.with_stats:
-                    stats.write(sol.rows, sol)
         if bool(infinite):  # one host check per call: an excluded target makes the loss infinite
             raise _excluded_target_error(not onehot)
         ctx.grad_buffer = grad
