@@ -1,10 +1,12 @@
-"""Trainers: ``FDivTrainer`` (transformers), ``FDivSFTTrainer`` (TRL), ``FDivDistillationTrainer`` and
-their shared mixin."""
+"""Trainers: ``FDivTrainer`` and ``FDivSeq2SeqTrainer`` (transformers), ``FDivSFTTrainer`` (TRL),
+``FDivDistillationTrainer``, their shared mixin, and ``compute_loss_func`` for the stock Trainer."""
 
 from .distillation_trainer import FDivDistillationConfig, FDivDistillationTrainer
 from .fdiv_trainer import FDivTrainer, FDivTrainingArguments
+from .loss_func import compute_loss_func
 from .mixin import FDivLossArguments, FDivTrainerMixin
 from .on_policy_distillation_trainer import FDivOnPolicyDistillationConfig, FDivOnPolicyDistillationTrainer
+from .seq2seq_trainer import FDivSeq2SeqTrainer, FDivSeq2SeqTrainingArguments
 from .sft_trainer import FDivSFTConfig, FDivSFTTrainer
 from .teacher import add_teacher_topk
 
@@ -13,6 +15,9 @@ __all__ = [
     "FDivTrainerMixin",
     "FDivTrainer",
     "FDivTrainingArguments",
+    "FDivSeq2SeqTrainer",
+    "FDivSeq2SeqTrainingArguments",
+    "compute_loss_func",
     "FDivSFTTrainer",
     "FDivSFTConfig",
     "FDivDistillationTrainer",

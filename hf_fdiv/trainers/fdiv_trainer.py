@@ -1,4 +1,5 @@
-"""``FDivTrainer``: ``transformers.Trainer`` trained with an f-divergence Fenchel-Young loss."""
+"""``FDivTrainer``: ``transformers.Trainer`` trained with an f-divergence Fenchel-Young loss, for every
+model whose stock loss is a cross-entropy over classes (see :mod:`.tasks`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from dataclasses import dataclass
 from transformers import Trainer, TrainingArguments
 
 from . import checks
+from .tasks import check_label_column, task_of
 from .mixin import FDivLossArguments, FDivTrainerMixin
 from .sft_trainer import card_fields, record_base_model
 
@@ -26,7 +28,15 @@ class FDivTrainingArguments(FDivLossArguments, TrainingArguments):
 
 
 class FDivTrainer(FDivTrainerMixin, Trainer):
-    """Drop-in ``transformers.Trainer`` for causal LMs whose loss is l_f instead of cross-entropy.
+    """Drop-in ``transformers.Trainer`` whose loss is l_f instead of the model's cross-entropy.
+
+    Trains every model whose stock loss is a class cross-entropy (``model.loss_type`` in transformers'
+    ``LOSS_MAPPING``): causal and masked LMs, sequence / image / audio / video classification, token
+    classification, question answering (start and end positions), semantic segmentation (upsampled
+    logits, the config's ignore index) and encoder-decoders (decoder logits vs ``labels``), with the
+    stock loss's conventions, so ``divergence="kl"`` is the stock loss. The loss is normalised by the
+    targets of the whole accumulated batch (tokens, examples, pixels, positions). Regression,
+    multi-label, CTC and detection heads are refused before training.
 
     Everything else is the Trainer you know (collators, callbacks, evaluation with
     ``compute_metrics``, checkpoints, ``push_to_hub``). ``divergence="kl"`` reproduces the stock loss.
@@ -39,12 +49,18 @@ class FDivTrainer(FDivTrainerMixin, Trainer):
 
     _fdiv_trainer_name = "FDivTrainer"
     _tag_names = ["hf-fdiv"]
+    _fdiv_seq2seq = False  # the seq2seq trainer needs an encoder-decoder
 
     def __init__(self, *args, **kwargs):
         fdiv_kwargs = {k: kwargs.pop(k) for k in ("divergence", "reference") if k in kwargs}
-        model = _TRAINER_SIGNATURE.bind_partial(self, *args, **kwargs).arguments.get("model")
-        if model is not None:
-            checks.check_causal_lm(model, type(self).__name__)
+        bound = _TRAINER_SIGNATURE.bind_partial(self, *args, **kwargs).arguments
+        model = bound.get("model")
+        if model is not None and not isinstance(model, str):
+            task = task_of(model, type(self).__name__, seq2seq=self._fdiv_seq2seq)
+            for which in ("train_dataset", "eval_dataset"):
+                data = bound.get(which)
+                for name, part in (data.items() if isinstance(data, dict) else [(which, data)]):
+                    check_label_column(part, task, name, type(self).__name__)
         super().__init__(*args, **kwargs, **fdiv_kwargs)
         record_base_model(self)
 

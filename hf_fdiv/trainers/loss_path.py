@@ -25,6 +25,7 @@ __all__ = [
     "LossInputs",
     "LossSettings",
     "fdiv_token_loss",
+    "outputs_loss",
     "fused_head",
     "metric_sums",
     "run_inside_forward",
@@ -88,6 +89,10 @@ def fused_head(unwrapped_model):
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     backbone = getattr(base, "base_model", None)
     if head is None or backbone is None or backbone is base or not isinstance(head, torch.nn.Module):
+        return None
+    if not any(child is head for child in base.children()):
+        # the head sits inside a prediction head (BERT's cls.predictions: dense + LayerNorm, then the decoder):
+        # the backbone's output is not its input, so only the model's own logits are right
         return None
     if not _is_plain_linear(head):
         raise ValueError(
@@ -263,11 +268,12 @@ def _fused_inside_forward(run_model, model_inputs, targets, make_inputs, num_cla
 
 
 def fdiv_token_loss(model, model_inputs: dict, targets: Tensor, make_inputs, num_classes_of, settings: LossSettings,
-                    fused_parts=None, unwrapped=None):
+                    fused_parts=None, unwrapped=None, logits_of=None):
     """Run the model and the loss. ``make_inputs(targets, V)`` gives the :class:`LossInputs`;
     ``num_classes_of(head_rows)`` the classes the loss is over. With ``fused_parts`` (see
     :func:`fused_head`) the loss is fused with the LM head and runs inside the forward of ``model``
-    (the engine's wrapper around ``unwrapped``). Returns (outputs, loss_sum, metric sums)."""
+    (the engine's wrapper around ``unwrapped``); else see :func:`outputs_loss` (``logits_of``).
+    Returns (outputs, loss_sum, metric sums)."""
     if fused_parts is not None:
         outputs, loss_sum, stats, spec = run_inside_forward(
             model, unwrapped if unwrapped is not None else model,
@@ -276,12 +282,22 @@ def fdiv_token_loss(model, model_inputs: dict, targets: Tensor, make_inputs, num
         )
     else:
         outputs = model(**model_inputs)
-        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        loss_sum, stats, spec = _loss_from_logits(
-            logits, targets, make_inputs, num_classes_of(logits.shape[-1]), settings
-        )
+        return (outputs, *outputs_loss(outputs, targets, make_inputs, num_classes_of, settings, logits_of))
     ids = spec.stat_ids if spec.stat_ids is not None else spec.target
     return outputs, loss_sum, metric_sums(stats, ids if isinstance(ids, Tensor) else None)
+
+
+def outputs_loss(outputs, targets: Tensor, make_inputs, num_classes_of, settings: LossSettings, logits_of=None):
+    """(loss_sum, metric sums) from a model's outputs: the logits are ``outputs["logits"]``, or
+    ``logits_of(outputs)`` (class dim last, shaped ``targets.shape + [C]``: a task's view of its scores,
+    see :mod:`.tasks`)."""
+    if logits_of is not None:
+        logits = logits_of(outputs)
+    else:
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+    loss_sum, stats, spec = _loss_from_logits(logits, targets, make_inputs, num_classes_of(logits.shape[-1]), settings)
+    ids = spec.stat_ids if spec.stat_ids is not None else spec.target
+    return loss_sum, metric_sums(stats, ids if isinstance(ids, Tensor) else None)
 
 
 def virtual_tokens(unwrapped) -> int:

@@ -30,6 +30,7 @@ from .loss_path import (
     output_rows,
     text_config,
 )
+from .tasks import TaskConvention, task_of
 
 __all__ = ["FDivLossArguments", "FDivTrainerMixin", "LossInputs", "IGNORE_INDEX"]
 
@@ -41,12 +42,16 @@ def _output(outputs, key: str):
 
 
 def _input_tokens(inputs: dict) -> Tensor:
-    """The batch's input tokens, as TRL's SFT counts them for ``num_tokens`` (0-d, on the batch's device)."""
+    """The batch's input tokens, as TRL's SFT counts them for ``num_tokens`` (0-d, on the batch's device);
+    a batch without tokens (images, audio) counts its examples."""
     if "attention_mask" in inputs:
         return inputs["attention_mask"].sum()
     if "position_ids" in inputs:  # padding-free batches carry no attention mask
         return torch.tensor(inputs["position_ids"].numel(), device=inputs["position_ids"].device)
-    return torch.tensor(inputs["input_ids"].numel(), device=inputs["input_ids"].device)
+    if "input_ids" in inputs:
+        return torch.tensor(inputs["input_ids"].numel(), device=inputs["input_ids"].device)
+    first = next(v for v in inputs.values() if isinstance(v, Tensor))
+    return torch.tensor(first.shape[0], device=first.device)
 
 
 class FDivTrainerMixin:
@@ -79,6 +84,8 @@ class FDivTrainerMixin:
     def _setup_fdiv(self, divergence, reference) -> None:
         args = self.args
         spec = divergence if divergence is not None else getattr(args, "divergence", "alpha:1.5")
+        #: how the model's stock loss lines targets up with logits (see .tasks)
+        self.fdiv_task: TaskConvention = task_of(self.accelerator.unwrap_model(self.model), type(self).__name__)
         self.fdiv_divergence: FDivergence = get_divergence(spec)
         ref = reference if reference is not None else getattr(args, "reference", "unit")
         self.fdiv_reference = load_reference(ref)
@@ -94,8 +101,7 @@ class FDivTrainerMixin:
         # We compute the loss ourselves, so make the Trainer count num_items_in_batch whatever the
         # model's forward signature, over labels[..., 1:] for causal LMs.
         self.model_accepts_loss_kwargs = True
-        config = getattr(self.model, "config", None)
-        self._fdiv_shift_labels = not getattr(config, "is_encoder_decoder", False)
+        self._fdiv_shift_labels = self.fdiv_task.shift
         self._loss_shifts_labels = self._fdiv_shift_labels
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(["hf-fdiv", f"fdiv-{self.fdiv_divergence.name.replace(':', '-')}"])
@@ -104,7 +110,10 @@ class FDivTrainerMixin:
         ref = self.fdiv_reference
         if not isinstance(ref, Tensor):
             return
-        V = output_rows(self.accelerator.unwrap_model(self.model))
+        if self.fdiv_task.kind == "question_answering":
+            raise ValueError("a reference tensor is a prior over classes, but the classes of question answering are "
+                             "the positions of each input: use reference='unit' or 'uniform'.")
+        V = self.fdiv_task.num_classes or output_rows(self.accelerator.unwrap_model(self.model))
         if ref.dim() != 1 or ref.shape[0] != V:
             raise ValueError(
                 f"reference tensor has shape {tuple(ref.shape)} but the model has V={V} output classes: pass a [V] "
@@ -114,7 +123,10 @@ class FDivTrainerMixin:
     # ------------------------------------------------------------------ loss
     def _fdiv_targets(self, inputs: dict, unwrapped=None) -> Tensor:
         """The target of every output position. A prompt-learning adapter's virtual tokens come first:
-        their labels are -100 (the last one predicts the first real token), as in PEFT's own forward."""
+        their labels are -100 (the last one predicts the first real token), as in PEFT's own forward.
+        Other kinds of models: see :meth:`.tasks.TaskConvention.targets`."""
+        if not self.fdiv_task.shift:
+            return self.fdiv_task.targets(inputs)
         if "shift_labels" in inputs:
             return align_to_virtual_tokens(inputs["shift_labels"], unwrapped)
         labels = inputs.get("labels")
@@ -147,7 +159,7 @@ class FDivTrainerMixin:
 
     def _fdiv_fused_parts(self, model):
         """(backbone, head, config) when the loss can be fused with the LM head, else None."""
-        if not getattr(self, "fdiv_fused", False):
+        if not getattr(self, "fdiv_fused", False) or self.fdiv_task.kind != "causal_lm":
             return None
         return fused_head(self.accelerator.unwrap_model(model))
 
@@ -165,9 +177,16 @@ class FDivTrainerMixin:
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         unwrapped = self.accelerator.unwrap_model(model)
+        task = self.fdiv_task
         targets = self._fdiv_targets(inputs, unwrapped)
-        model_inputs = {k: v for k, v in inputs.items() if k not in self._fdiv_batch_keys}
-        model_inputs["use_cache"] = False
+        logits_of = None
+        if task.kind == "causal_lm":
+            model_inputs = {k: v for k, v in inputs.items() if k not in self._fdiv_batch_keys}
+        else:
+            model_inputs = task.model_inputs(inputs, unwrapped, drop=self._fdiv_batch_keys)
+            logits_of = lambda outputs: task.logits(outputs, targets)  # noqa: E731
+        if task.kind in ("causal_lm", "seq2seq"):
+            model_inputs["use_cache"] = False
         aux_enabled, aux_coef = self._fdiv_router_aux()
         if aux_enabled:  # MoE: the model then returns its router load-balancing loss
             model_inputs["output_router_logits"] = True
@@ -176,7 +195,7 @@ class FDivTrainerMixin:
         try:
             outputs, loss_sum, sums = fdiv_token_loss(
                 model, model_inputs, targets, lambda t, V: self.fdiv_loss_spec(t, inputs, V), self.fdiv_num_classes,
-                settings, parts, unwrapped=unwrapped,
+                settings, parts, unwrapped=unwrapped, logits_of=logits_of,
             )
         except NonFiniteLogitsError as err:
             where = self._fdiv_where(mode)
@@ -200,6 +219,15 @@ class FDivTrainerMixin:
         self.loss_is_scaled_for_ga = num_items_in_batch is not None
         self._record_fdiv_metrics(mode, sums, inputs)
         return (loss, outputs) if return_outputs else loss
+
+    def _get_num_items_in_batch(self, batch_samples: list, device):
+        """The Trainer's count of the accumulated batch's targets (gathered across ranks as it does), over
+        the targets of this kind of model where ``labels != -100`` is not that count (QA's positions,
+        segmentation's ignore index)."""
+        task = getattr(self, "fdiv_task", None)
+        if task is not None and task.remaps_labels:
+            batch_samples = [{"labels": task.targets(batch)} for batch in batch_samples]
+        return super()._get_num_items_in_batch(batch_samples, device)
 
     def _fdiv_where(self, mode: str) -> str:
         return f"training step {self.state.global_step + 1}" if mode == "train" else "evaluation"
@@ -231,7 +259,7 @@ class FDivTrainerMixin:
         if count > 0:
             metrics["support_size"].append(support / count)
             metrics["entropy"].append(entropy / count)
-            metrics["mean_token_accuracy"].append(correct / count)
+            metrics[self.fdiv_task.accuracy_key].append(correct / count)
         if mode == "train":
             self._total_train_tokens += int(total[-1]) // max(1, self.get_tp_size())
         metrics["num_tokens"] = [self._total_train_tokens]

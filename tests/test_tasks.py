@@ -1,0 +1,303 @@
+"""Every kind of model whose stock loss is a class cross-entropy trains with FDivTrainer /
+FDivSeq2SeqTrainer / compute_loss_func (issue 21), on tiny in-code models (tests/tiny_tasks.py):
+
+* divergence="kl" gives the stock Trainer's (Seq2SeqTrainer's) loss, gradients and SGD step;
+* batch 8 x GA 1 = batch 4 x GA 2 (loss and parameters, SGD), which the stock trainers miss for most kinds;
+* alpha = 1.5 trains; compute_loss_func on the stock Trainer = the subclass;
+* what is not a class cross-entropy is refused in one line before training.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import (
+    Seq2SeqTrainer,
+    Seq2SeqTrainingArguments,
+    Trainer,
+    TrainingArguments,
+    default_data_collator,
+)
+
+from hf_fdiv import (
+    FDivSeq2SeqTrainer,
+    FDivSeq2SeqTrainingArguments,
+    FDivTrainer,
+    FDivTrainingArguments,
+    compute_loss_func,
+)
+from hf_fdiv.trainers.checks import ConfigurationError
+
+from tiny import COMMON, first_batch_step
+from tiny_tasks import KINDS, SEQ2SEQ, make_dataset, make_model
+
+#: classes of each kind's head (the support of softmax)
+CLASSES = {"sequence_classification": 3, "token_classification": 5, "masked_lm": 40, "question_answering": 10,
+           "image_classification": 3, "audio_classification": 3, "semantic_segmentation": 3, "t5": 40, "bart": 40,
+           "causal_lm": 40}
+
+
+def trainer_for(kind, out, fdiv=True, model=None, dataset=None, seq2seq=None, **args):
+    seq2seq = kind in SEQ2SEQ if seq2seq is None else seq2seq
+    if fdiv:
+        cls, args_cls = (FDivSeq2SeqTrainer, FDivSeq2SeqTrainingArguments) if seq2seq else (FDivTrainer,
+                                                                                           FDivTrainingArguments)
+    else:
+        cls, args_cls = (Seq2SeqTrainer, Seq2SeqTrainingArguments) if seq2seq else (Trainer, TrainingArguments)
+        args.pop("divergence", None)
+    compute = args.pop("compute_loss_func", None)
+    settings = dict(per_device_train_batch_size=8, max_steps=1, learning_rate=0.5, optim="sgd", **COMMON)
+    settings.update(args)
+    model = make_model(kind) if model is None else model
+    extra = {"compute_loss_func": compute(model)} if compute is not None else {}
+    trainer = cls(model=model, args=args_cls(output_dir=str(out), **settings),
+                  train_dataset=make_dataset(kind) if dataset is None else dataset,
+                  data_collator=default_data_collator, **extra)
+    return model, trainer
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def params(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def oracle_accuracy(kind, model, batch) -> float:
+    """argmax accuracy of the model's own logits on ``batch``, with the stock loss's alignment (written
+    here per kind, not through hf_fdiv's task code)."""
+    with torch.no_grad():
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "start_positions", "end_positions")}
+        if kind in SEQ2SEQ:
+            inputs["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
+        out = model(**inputs)
+    if kind == "question_answering":
+        pred = torch.stack([out.start_logits.argmax(-1), out.end_logits.argmax(-1)], 1)
+        target = torch.stack([batch["start_positions"], batch["end_positions"]], 1)
+        return float((pred == target).double().mean())
+    logits, labels = out.logits, batch["labels"]
+    if kind == "semantic_segmentation":
+        logits = torch.nn.functional.interpolate(logits, size=labels.shape[-2:], mode="bilinear",
+                                                 align_corners=False).permute(0, 2, 3, 1)
+        labels = labels.masked_fill(labels == 255, -100)
+    if kind == "causal_lm":
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    keep = labels != -100
+    return float((logits.argmax(-1)[keep] == labels[keep]).double().mean())
+
+
+# ----------------------------------------------------------------------------------- KL = stock
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_kl_is_the_stock_loss_gradients_and_step(kind, tmp_path):
+    stock_model, stock = trainer_for(kind, tmp_path / "stock", fdiv=False)
+    ours_model, ours = trainer_for(kind, tmp_path / "fdiv", divergence="kl")
+    accuracy = oracle_accuracy(kind, ours_model, next(iter(ours.get_train_dataloader())))
+    a, b = first_batch_step(stock_model, stock), first_batch_step(ours_model, ours)
+    assert abs(a[0] - b[0]) <= 1e-5, (a[0], b[0])
+    assert max_diff(a[1], b[1]) <= 1e-5
+    assert max_diff(a[2], b[2]) <= 1e-5
+    assert abs(stock.state.log_history[0]["loss"] - ours.state.log_history[0]["loss"]) <= 1e-5
+    # metrics for every kind: softmax has full support; accuracy is the argmax accuracy of the logits
+    logged = ours.state.log_history[0]
+    key = "mean_token_accuracy" if kind in ("token_classification", "masked_lm", "t5", "bart", "causal_lm") else "accuracy"
+    assert logged["support_size"] == pytest.approx(CLASSES[kind])
+    assert 0 < logged["entropy"] <= math.log(CLASSES[kind]) + 1e-6
+    assert logged[key] == pytest.approx(accuracy, abs=1e-9)
+
+
+def test_fdiv_trainer_trains_t5_from_labels_alone(tmp_path):
+    """The plain FDivTrainer makes the decoder inputs from the labels as T5 does (issue 21's first failure:
+    'You must specify exactly one of input_ids or inputs_embeds'), fused on or off."""
+    stock_model, stock = trainer_for("t5", tmp_path / "stock", fdiv=False)
+    a = first_batch_step(stock_model, stock)
+    for fused in (True, False):
+        model, ours = trainer_for("t5", tmp_path / f"fdiv{fused}", seq2seq=False, divergence="kl", fdiv_fused=fused)
+        b = first_batch_step(model, ours)
+        assert abs(a[0] - b[0]) <= 1e-5 and max_diff(a[2], b[2]) <= 1e-5
+
+
+def test_a_head_inside_a_prediction_head_is_not_fused(tmp_path):
+    """BertLMHeadModel's decoder reads cls.predictions.transform(hidden), not the backbone's output: the fused
+    loss must not skip the transform (it did: no gradient reached transform.dense)."""
+    model = make_model("bert_lm_head")
+    stock = Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path / "s"), **COMMON),
+                    train_dataset=make_dataset("bert_lm_head"), data_collator=default_data_collator)
+    batch = next(iter(stock.get_train_dataloader()))
+    stock.compute_loss(model, dict(batch)).backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    ours = FDivTrainer(model=model, args=FDivTrainingArguments(output_dir=str(tmp_path / "o"), divergence="kl",
+                                                               fdiv_fused=True, **COMMON),
+                       train_dataset=make_dataset("bert_lm_head"), data_collator=default_data_collator)
+    ours.compute_loss(model, dict(batch)).backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert max_diff(expected, got) <= 1e-6
+
+
+# ----------------------------------------------------------------------------------- accumulation
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_accumulated_batch_equals_one_big_batch(kind, tmp_path):
+    runs = []
+    for bs, ga in ((8, 1), (4, 2)):
+        model, trainer = trainer_for(kind, tmp_path / f"{bs}x{ga}", divergence="alpha:1.5",
+                                     per_device_train_batch_size=bs, gradient_accumulation_steps=ga)
+        trainer.train()
+        runs.append((trainer.state.log_history[0]["loss"], params(model)))
+    assert abs(runs[0][0] - runs[1][0]) <= 1e-5 * max(1.0, abs(runs[0][0]))
+    assert max_diff(runs[0][1], params(make_model(kind))) > 1e-4  # the step moved the model
+    assert max_diff(runs[0][1], runs[1][1]) <= 1e-5
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_alpha15_trains(kind, tmp_path):
+    model, trainer = trainer_for(kind, tmp_path, divergence="alpha:1.5", max_steps=6, optim="adamw_torch",
+                                 learning_rate=2e-2)
+    trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
+    assert losses[-1] < losses[0]
+
+
+# ----------------------------------------------------------------------------------- compute_loss_func
+
+
+@pytest.mark.parametrize("kind", [k for k in KINDS if k != "question_answering"])
+def test_compute_loss_func_on_the_stock_trainer_equals_the_subclass(kind, tmp_path):
+    dataset = make_dataset(kind, ignored=kind != "semantic_segmentation")
+    if kind in SEQ2SEQ:  # the Trainer takes labels away before the forward: the batch carries the decoder inputs
+        model = make_model(kind)
+        dataset = dataset.map(lambda row: {"decoder_input_ids": model.prepare_decoder_input_ids_from_labels(
+            labels=row["labels"][None])[0]})
+    runs = []
+    for how in ("hook", "subclass"):
+        extra = {"compute_loss_func": lambda m: compute_loss_func(m, divergence="alpha:1.5")} if how == "hook" else {
+            "divergence": "alpha:1.5"}
+        model, trainer = trainer_for(kind, tmp_path / how, fdiv=how == "subclass", dataset=dataset,
+                                     per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=2,
+                                     **extra)
+        trainer.train()
+        runs.append(([e["loss"] for e in trainer.state.log_history if "loss" in e], params(model)))
+    assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-5)
+    assert max_diff(runs[0][1], runs[1][1]) <= 1e-5
+
+
+def test_compute_loss_func_refuses_question_answering():
+    with pytest.raises(ConfigurationError, match="start_positions / end_positions.*FDivTrainer"):
+        compute_loss_func(make_model("question_answering"))
+
+
+# ----------------------------------------------------------------------------------- refusals
+
+
+def _refused(model, tmp_path, dataset=None, seq2seq=False, kind="sequence_classification"):
+    with pytest.raises(ConfigurationError) as err:
+        trainer_for(kind, tmp_path, model=model, dataset=dataset, seq2seq=seq2seq)
+    message = str(err.value)
+    assert "\n" not in message
+    return message
+
+
+def test_not_a_class_cross_entropy_is_refused_before_training(tmp_path):
+    import transformers as tf
+
+    from tiny_tasks import _bert_config
+
+    assert "mean squared error" in _refused(tf.BertForSequenceClassification(_bert_config(num_labels=1)), tmp_path)
+    multi = tf.BertForSequenceClassification(_bert_config(num_labels=3, problem_type="multi_label_classification"))
+    assert "binary cross-entropy" in _refused(multi, tmp_path)
+    ctc = tf.Wav2Vec2ForCTC(tf.Wav2Vec2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                             intermediate_size=32, conv_dim=(8,), conv_stride=(4,), conv_kernel=(8,),
+                                             num_feat_extract_layers=1, vocab_size=8))
+    assert "CTC" in _refused(ctc, tmp_path)
+    detr = tf.YolosForObjectDetection(tf.YolosConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                                    intermediate_size=32, image_size=[16, 16], patch_size=8,
+                                                    num_detection_tokens=2))
+    assert "ForObjectDetectionLoss" in _refused(detr, tmp_path)
+    assert "encoder-decoder" in _refused(make_model("sequence_classification"), tmp_path, seq2seq=True)
+    assert "encoder-decoder" in _refused(make_model("causal_lm"), tmp_path, seq2seq=True)
+
+
+def test_labels_that_do_not_fit_the_head_are_refused(tmp_path):
+    from datasets import ClassLabel, Value
+
+    data = make_dataset("sequence_classification").with_format(None)
+    four = data.cast_column("labels", ClassLabel(num_classes=4))
+    assert "4 classes but the model's head has num_labels=3" in _refused(make_model("sequence_classification"),
+                                                                         tmp_path, dataset=four.with_format("torch"))
+    outside = data.map(lambda row, i: {"labels": 7 if i == 2 else row["labels"]}, with_indices=True)
+    message = _refused(make_model("sequence_classification"), tmp_path, dataset=outside.with_format("torch"))
+    assert "label 7" in message and "outside [0, 3)" in message
+    # a token-classification label out of range stops the first step, saying where and what
+    tokens = make_dataset("token_classification").with_format(None)
+    tokens = tokens.map(lambda row: {"labels": [9] + row["labels"][1:]})
+    model, trainer = trainer_for("token_classification", tmp_path / "tok", dataset=tokens.with_format("torch"))
+    with pytest.raises(ValueError, match="training step 1: target id 9 is out of range for V=5"):
+        trainer.train()
+    # float labels are a regression / multi-label target, not class ids
+    floats = data.cast_column("labels", Value("float32"))
+    assert "holds floats" in _refused(make_model("sequence_classification"), tmp_path,
+                                      dataset=floats.with_format("torch"))
+    # ... also when the data has no declared features (a plain torch dataset): stopped at the first step
+    plain = [{k: v for k, v in row.items()} for row in floats.with_format("torch")]
+    model, trainer = trainer_for("sequence_classification", tmp_path / "f", dataset=plain)
+    with pytest.raises(ConfigurationError, match="labels are floats"):
+        trainer.train()
+
+
+# ----------------------------------------------------------------------------------- seq2seq generation
+
+
+def test_seq2seq_generates_with_the_f_softargmax(tmp_path):
+    from hf_fdiv import f_softargmax
+    from hf_fdiv.generation import FSoftargmaxLogitsProcessor
+
+    model, trainer = trainer_for("t5", tmp_path, divergence="alpha:1.5", max_steps=2, predict_with_generate=True,
+                                 generation_max_length=6, per_device_eval_batch_size=8)
+    trainer.train()
+    with_generate = trainer.evaluate(make_dataset("t5"))
+    trainer.args.predict_with_generate = False
+    plain = trainer.evaluate(make_dataset("t5"))
+    assert with_generate["eval_loss"] == pytest.approx(plain["eval_loss"], rel=1e-6)  # the f-divergence loss
+    batch = next(iter(trainer.get_train_dataloader()))
+    processor = FSoftargmaxLogitsProcessor("alpha:1.5")
+    torch.manual_seed(0)
+    out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=5,
+                         do_sample=True, top_k=0, top_p=1.0, logits_processor=[processor], output_scores=True,
+                         output_logits=True, return_dict_in_generate=True)
+    sampled = 0
+    for step, (scores, logits) in enumerate(zip(out.scores, out.logits)):
+        token = out.sequences[:, step + 1]
+        alive = ~(out.sequences[:, 1:step + 1] == model.generation_config.eos_token_id).any(1)  # after EOS: padding
+        p = f_softargmax(logits.float(), "alpha:1.5")
+        assert torch.allclose(scores.exp(), p, atol=1e-6)
+        assert bool((p.gather(1, token[:, None])[alive] > 0).all())  # never a token outside the support
+        sampled += int(alive.sum())
+    assert sampled >= 8
+
+
+# ----------------------------------------------------------------------------------- stats
+
+
+def test_row_stats_are_those_of_the_softmax_when_the_gradient_is_kept():
+    """The loss's metric stats were read after p - y overwrote p in the gradient buffer (support V - 1,
+    entropy NaN under KL): compare with torch's softmax."""
+    from hf_fdiv.divergences import get_divergence
+    from hf_fdiv.losses import fdiv_loss_rows
+    from hf_fdiv.solver import flatten_reference, prepare_reference
+
+    x = torch.randn(8, 5, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    target = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
+    q = flatten_reference(prepare_reference("unit", x), x.shape)
+    _, stats = fdiv_loss_rows(x, target, q, get_divergence("kl"), return_stats=True)
+    p = torch.softmax(x.detach().double(), -1)
+    assert torch.equal(stats.support, torch.full((8,), 5.0))
+    assert torch.allclose(stats.entropy.double(), -(p * p.log()).sum(-1), atol=1e-6)
+    assert torch.equal(stats.pred, p.argmax(-1))
