@@ -140,6 +140,34 @@ def test_a_head_inside_a_prediction_head_is_not_fused(tmp_path):
     assert max_diff(expected, got) <= 1e-6
 
 
+@pytest.mark.parametrize("kind", ["masked_lm", "t5"])
+def test_large_vocabulary_heads_are_fused_and_equal_the_materialised_loss(kind, tmp_path):
+    """Masked LMs and encoder-decoders with a plain linear head take the fused LM-head loss (the head's forward
+    is stood in for: the model's logits are a zero-stride view, never [tokens x V]); the loss and gradients
+    equal those of the materialised logits."""
+    runs = []
+    for fused in (True, False):
+        model, trainer = trainer_for(kind, tmp_path / str(fused), divergence="alpha:1.5", fdiv_fused=fused)
+        assert (trainer._fdiv_fused_parts(model) is not None) == fused
+        batch = next(iter(trainer.get_train_dataloader()))
+        seen = []
+        head = model.get_output_embeddings()
+        handle = model.register_forward_hook(lambda m, a, out: seen.append(out.logits.stride()))
+        loss = trainer.compute_loss(model, dict(batch))
+        handle.remove()
+        loss.backward()
+        runs.append((float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        assert (seen[0][-1] == 0) == fused and head.forward.__self__ is head  # the stand-in is gone
+    assert abs(runs[0][0] - runs[1][0]) <= 1e-5
+    assert max_diff(runs[0][1], runs[1][1]) <= 1e-5
+
+
+def test_classification_and_bart_heads_use_the_logits(tmp_path):
+    for kind in ("sequence_classification", "token_classification", "bart"):
+        model, trainer = trainer_for(kind, tmp_path / kind, divergence="alpha:1.5", fdiv_fused=True)
+        assert trainer._fdiv_fused_parts(model) is None
+
+
 # ----------------------------------------------------------------------------------- accumulation
 
 

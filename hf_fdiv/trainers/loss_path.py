@@ -27,6 +27,7 @@ __all__ = [
     "fdiv_token_loss",
     "outputs_loss",
     "fused_head",
+    "fused_head_input",
     "metric_sums",
     "run_inside_forward",
     "engine_wraps",
@@ -105,6 +106,29 @@ def fused_head(unwrapped_model):
     # A vision-language model keeps the logit scale / softcap on its text config: read it there, as TRL's fused
     # LM head (trl.trainer.utils.add_fused_lm_head) does.
     return backbone, head, text_config(base.config)
+
+
+def fused_head_input(unwrapped_model):
+    """(None, head, config) when the loss can be fused at the input of the output layer, else None: for
+    models without ``logits_to_keep`` (masked LMs, encoder-decoders) whose logits are exactly
+    ``head(x)``, a plain linear layer (weight [V, H], optional bias) over whatever the model feeds it
+    (BERT's transformed hidden states, T5's rescaled decoder states). The head's forward is stood in for
+    during the model's forward (see :func:`_fused_inside_forward`), so no [tokens x V] logits are made.
+
+    Not fused: an adapted (PEFT) or missing head, models that add to ``head(x)`` (BART/Marian's
+    ``final_logits_bias`` makes [tokens x V] logits whatever the head returns), and configs with a logit
+    scale or softcap."""
+    base = unwrapped_model.get_base_model() if hasattr(unwrapped_model, "get_base_model") else unwrapped_model
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear) or not _is_plain_linear(head):
+        return None
+    if getattr(base, "final_logits_bias", None) is not None:  # added to head(x) by the model: [tokens x V] anyway
+        return None
+    config = text_config(base.config)
+    transform = LogitTransform.from_config(config)
+    if transform.scale != 1.0 or transform.softcap:
+        return None
+    return None, head, config
 
 
 def _loss_from_logits(logits, targets, make_inputs, num_classes, settings: LossSettings):
@@ -225,20 +249,34 @@ def _warn_once(message: str) -> None:
 
 def _fused_inside_forward(run_model, model_inputs, targets, make_inputs, num_classes_of, settings, parts):
     """The model's forward with the logits of one position, then the fused loss on its last hidden
-    states (run inside the wrapper's forward, see :func:`run_inside_forward`). Where the head's weight
-    cannot be read whole afterwards (see :func:`head_weight_problem`), the head module itself gives the
-    logits of every position (its engine hooks gather it and reduce its gradient)."""
+    states (run inside the wrapper's forward, see :func:`run_inside_forward`). Without a backbone
+    (:func:`fused_head_input`) the head's forward is stood in for by one that keeps its input and
+    returns zeros expanded to the logits' shape (no memory). Where the head's weight cannot be read
+    whole afterwards (see :func:`head_weight_problem`), the head module itself gives the logits of every
+    position (its engine hooks gather it and reduce its gradient)."""
     backbone, head, config = parts
     captured = {}
+    if backbone is None:
+        had_own_forward, original = "forward" in head.__dict__, head.forward
 
-    def grab(module, args, output):
-        captured["h"] = output[0] if isinstance(output, tuple) else getattr(output, "last_hidden_state", output)
+        def stand_in(x):
+            captured["h"] = x
+            return x.new_zeros(()).expand(*x.shape[:-1], head.out_features)
 
-    handle = backbone.register_forward_hook(grab)
-    try:
-        outputs = run_model(**model_inputs, logits_to_keep=1)
-    finally:
-        handle.remove()
+        head.forward = stand_in
+        try:
+            outputs = run_model(**model_inputs)
+        finally:
+            _restore_forward(head, original, had_own_forward)
+    else:
+        def grab(module, args, output):
+            captured["h"] = output[0] if isinstance(output, tuple) else getattr(output, "last_hidden_state", output)
+
+        handle = backbone.register_forward_hook(grab)
+        try:
+            outputs = run_model(**model_inputs, logits_to_keep=1)
+        finally:
+            handle.remove()
     hidden = captured["h"]
     bias = getattr(head, "bias", None)
     # read after the model ran (an engine may gather the head for its own forward and keep it whole);

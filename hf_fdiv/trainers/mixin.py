@@ -27,6 +27,7 @@ from .loss_path import (
     align_to_virtual_tokens,
     fdiv_token_loss,
     fused_head,
+    fused_head_input,
     output_rows,
     text_config,
 )
@@ -159,9 +160,13 @@ class FDivTrainerMixin:
 
     def _fdiv_fused_parts(self, model):
         """(backbone, head, config) when the loss can be fused with the LM head, else None."""
-        if not getattr(self, "fdiv_fused", False) or self.fdiv_task.kind != "causal_lm":
+        if not getattr(self, "fdiv_fused", False):
             return None
-        return fused_head(self.accelerator.unwrap_model(model))
+        if self.fdiv_task.kind == "causal_lm":
+            return fused_head(self.accelerator.unwrap_model(model))
+        if self.fdiv_task.kind in ("masked_lm", "seq2seq"):  # large vocabularies: fused at the head's input
+            return fused_head_input(self.accelerator.unwrap_model(model))
+        return None  # classification heads have few classes: the logits are small
 
     def _fdiv_router_aux(self):
         """(enabled, coefficient) of an MoE model's router load-balancing loss: TRL's SFTTrainer settings
