@@ -329,3 +329,35 @@ def test_row_stats_are_those_of_the_softmax_when_the_gradient_is_kept():
     assert torch.equal(stats.support, torch.full((8,), 5.0))
     assert torch.allclose(stats.entropy.double(), -(p * p.log()).sum(-1), atol=1e-6)
     assert torch.equal(stats.pred, p.argmax(-1))
+
+
+# ----------------------------------------------------------------------------------- label prior
+
+
+def test_label_prior_is_counted_once_and_is_logit_adjustment_under_kl(tmp_path):
+    """reference='label_prior': q_c = (n_c + 1) / (N + C) from the training labels (numpy oracle); under KL the
+    f-softargmax with q is softmax(logits + log q), so the loss is torch's cross-entropy of the adjusted logits."""
+    import numpy as np
+    from huggingface_hub import ModelCard
+
+    dataset = make_dataset("sequence_classification", n=8)
+    counts = np.bincount(np.asarray(dataset["labels"]), minlength=3)
+    expected = torch.tensor((counts + 1.0) / (counts.sum() + 3.0), dtype=torch.float32)
+    model, trainer = trainer_for("sequence_classification", tmp_path, divergence="kl", reference="label_prior",
+                                 dataset=dataset)
+    assert torch.allclose(trainer.fdiv_reference, expected, atol=1e-7)
+    batch = next(iter(trainer.get_train_dataloader()))
+    loss = trainer.compute_loss(model, dict(batch))
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    oracle = torch.nn.functional.cross_entropy(logits + expected.log(), batch["labels"])
+    assert float(loss.detach()) == pytest.approx(float(oracle), rel=1e-5)
+    trainer.save_model()
+    card = ModelCard.load(str(tmp_path / "README.md"))
+    assert "label prior: class frequencies of the 8 training targets over 3 classes" in card.text
+    assert torch.equal(torch.load(tmp_path / "reference.pt"), trainer.fdiv_reference)
+
+
+def test_label_prior_smoothing_must_be_positive(tmp_path):
+    with pytest.raises(ValueError, match="label_prior_smoothing must be > 0"):
+        FDivTrainingArguments(output_dir=str(tmp_path), reference="label_prior", label_prior_smoothing=0.0, **COMMON)

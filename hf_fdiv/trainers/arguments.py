@@ -19,7 +19,7 @@ from transformers.utils import logging
 
 from ..divergences import get_divergence
 
-__all__ = ["FDivLossArguments", "load_reference", "resolve_bf16"]
+__all__ = ["FDivLossArguments", "LABEL_PRIOR", "load_reference", "resolve_bf16"]
 
 logger = logging.get_logger("hf_fdiv")
 
@@ -58,7 +58,9 @@ def resolve_bf16(value, use_cpu: bool = False, fp16: bool = False) -> bool:
     logger.warning_once(f"hf_fdiv: bf16='auto' -> bf16={chosen} because {why}; pass --bf16 True/False to choose.")
     return chosen
 
-_NAMED_REFERENCES = ("unit", "uniform")
+_NAMED_REFERENCES = ("unit", "uniform", "label_prior")
+#: the reference counted from the training labels (see :func:`hf_fdiv.trainers.tasks.label_prior`)
+LABEL_PRIOR = "label_prior"
 
 
 def _is_reference_file(reference) -> bool:
@@ -68,8 +70,8 @@ def _is_reference_file(reference) -> bool:
         return False
     if not os.path.isfile(reference):
         raise ValueError(
-            f"reference={reference!r} is neither 'unit', 'uniform' nor an existing file: pass one of those or the "
-            "path of a torch.save'd [V] tensor."
+            f"reference={reference!r} is neither 'unit', 'uniform', 'label_prior' nor an existing file: pass one of "
+            "those or the path of a torch.save'd [V] tensor."
         )
     return True
 
@@ -88,9 +90,16 @@ class FDivLossArguments:
     reference: str = field(
         default="unit",
         metadata={
-            "help": "Reference measure q: 'unit' (all ones; alpha-divergence = alpha-entmax), 'uniform' (1/V), or "
-            "the path of a torch-saved [V] tensor used as a class prior (a zero excludes the class)."
+            "help": "Reference measure q: 'unit' (all ones; alpha-divergence = alpha-entmax), 'uniform' (1/V), "
+            "'label_prior' (the class frequencies of the training labels, counted once before training, with "
+            "label_prior_smoothing), or the path of a torch-saved [V] tensor used as a class prior (a zero excludes "
+            "the class)."
         },
+    )
+    label_prior_smoothing: float = field(
+        default=1.0,
+        metadata={"help": "reference='label_prior': pseudo-count added to every class (q_c = (n_c + s) / (N + C s)), so "
+                  "that a class absent from the training labels keeps q_c > 0."},
     )
     fdiv_max_iter: Optional[int] = field(
         default=None,
@@ -135,6 +144,9 @@ class FDivLossArguments:
     def _validate_fdiv(self) -> None:
         get_divergence(self.divergence)  # raises ValueError with the known names
         _is_reference_file(self.reference)
+        if not self.label_prior_smoothing > 0:
+            raise ValueError(f"label_prior_smoothing must be > 0 (a floor keeping every class possible), got "
+                             f"{self.label_prior_smoothing}.")
         if self.fdiv_max_iter is not None and self.fdiv_max_iter < 1:
             raise ValueError(f"fdiv_max_iter must be >= 1, got {self.fdiv_max_iter}.")
         if self.base_model_id is not None:

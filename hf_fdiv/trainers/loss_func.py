@@ -15,7 +15,7 @@ import torch
 
 from ..divergences import DivergenceSpec, get_divergence
 from ..losses import IGNORE_INDEX
-from .arguments import load_reference
+from .arguments import LABEL_PRIOR, load_reference
 from .checks import ConfigurationError
 from .loss_path import LossInputs, LossSettings, outputs_loss
 from .tasks import task_of
@@ -61,6 +61,12 @@ def compute_loss_func(
         )
     settings = LossSettings(get_divergence(divergence), max_iter, skip_nonfinite)
     ref = load_reference(reference)
+    if isinstance(ref, str) and ref.strip().lower() == LABEL_PRIOR:
+        raise ConfigurationError(
+            "compute_loss_func has no training data to count a label prior from: pass the [C] tensor, e.g. "
+            "hf_fdiv.trainers.tasks.label_prior(batches, task_of(model), C)[0], or use FDivTrainer with "
+            "reference='label_prior'."
+        )
 
     def make_inputs(targets, num_classes):
         q = ref.to(targets.device) if isinstance(ref, torch.Tensor) else ref

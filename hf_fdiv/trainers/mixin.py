@@ -19,7 +19,7 @@ from ..divergences import FDivergence, get_divergence
 from ..losses import IGNORE_INDEX
 from ..solver import NonFiniteLogitsError
 from . import model_card
-from .arguments import FDivLossArguments, load_reference
+from .arguments import LABEL_PRIOR, FDivLossArguments, load_reference
 from .loss_path import (
     METRIC_KEYS,
     LossInputs,
@@ -31,7 +31,7 @@ from .loss_path import (
     output_rows,
     text_config,
 )
-from .tasks import TaskConvention, task_of
+from .tasks import TaskConvention, label_prior, task_of
 
 __all__ = ["FDivLossArguments", "FDivTrainerMixin", "LossInputs", "IGNORE_INDEX"]
 
@@ -90,6 +90,9 @@ class FDivTrainerMixin:
         self.fdiv_divergence: FDivergence = get_divergence(spec)
         ref = reference if reference is not None else getattr(args, "reference", "unit")
         self.fdiv_reference = load_reference(ref)
+        self._fdiv_prior_text = None
+        if isinstance(self.fdiv_reference, str) and self.fdiv_reference.strip().lower() == LABEL_PRIOR:
+            self.fdiv_reference = self._count_label_prior(float(getattr(args, "label_prior_smoothing", 1.0)))
         self._check_reference_size()
         self.fdiv_max_iter = getattr(args, "fdiv_max_iter", None)
         self.fdiv_fused = bool(getattr(args, "fdiv_fused", True))
@@ -106,6 +109,29 @@ class FDivTrainerMixin:
         self._loss_shifts_labels = self._fdiv_shift_labels
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(["hf-fdiv", f"fdiv-{self.fdiv_divergence.name.replace(':', '-')}"])
+
+    def _count_label_prior(self, smoothing: float) -> Tensor:
+        """reference='label_prior': one pass over the training batches (no model), counting the targets the loss
+        will see; the random state is restored, so the run draws what it would with another reference."""
+        if self.train_dataset is None:
+            raise ValueError("reference='label_prior' counts the training labels, but no train_dataset was given: pass "
+                             "one, or a [C] prior tensor / file as reference.")
+        if self.fdiv_task.kind == "question_answering":
+            raise ValueError("reference='label_prior' is a prior over classes, but the classes of question answering "
+                             "are the positions of each input: use reference='unit' or 'uniform'.")
+        C = self.fdiv_task.num_classes or output_rows(self.accelerator.unwrap_model(self.model))
+        with torch.random.fork_rng(devices=[]):
+            prior, total = label_prior(self.get_train_dataloader(), self.fdiv_task, C, smoothing,
+                                       reduce=lambda c: self.accelerator.reduce(c.to(self.accelerator.device),
+                                                                                "sum").cpu())
+        if total == 0:
+            raise ValueError("reference='label_prior': the training data has no labelled target to count.")
+        self._fdiv_prior_text = (
+            f"label prior: class frequencies of the {total} training targets over {C} classes with pseudo-count "
+            f"{smoothing:g} (q_c = (n_c + {smoothing:g}) / (N + C x {smoothing:g}); min q = {float(prior.min()):.4g}, "
+            f"max q = {float(prior.max()):.4g}), saved as reference.pt"
+        )
+        return prior
 
     def _check_reference_size(self) -> None:
         ref = self.fdiv_reference
@@ -283,7 +309,10 @@ class FDivTrainerMixin:
     # ------------------------------------------------------------------ model card
     def fdiv_card_fields(self) -> dict:
         """Loss description for the model card; subclasses (distillation) add their fields."""
-        return model_card.loss_fields(self.fdiv_divergence, self.fdiv_reference)
+        fields = model_card.loss_fields(self.fdiv_divergence, self.fdiv_reference)
+        if self._fdiv_prior_text is not None:
+            fields["reference"] = self._fdiv_prior_text
+        return fields
 
     def create_model_card(
         self,
@@ -318,3 +347,5 @@ class FDivTrainerMixin:
         # The card goes with every saved model (PEFT's save_pretrained writes its own README first).
         if self.args.should_save:
             self._write_model_card(output_dir or self.args.output_dir)
+            if self._fdiv_prior_text is not None:  # the card's snippet loads it for decoding / scoring
+                torch.save(self.fdiv_reference.cpu(), os.path.join(output_dir or self.args.output_dir, "reference.pt"))

@@ -36,7 +36,7 @@ from torch import Tensor
 from ..losses import IGNORE_INDEX
 from .checks import ConfigurationError, check_causal_lm
 
-__all__ = ["TaskConvention", "task_of", "check_label_column"]
+__all__ = ["TaskConvention", "task_of", "check_label_column", "label_prior"]
 
 _SHIFTED_LM = ("ForCausalLM", "ForConditionalGeneration", "CsmForConditionalGeneration")
 _CLASSIFICATION = {
@@ -289,3 +289,24 @@ def check_label_column(dataset: Any, task: TaskConvention, which: str, trainer_n
                 f"with num_labels={C}: load the model with num_labels={int(values.max()) + 1}, or map the labels to "
                 "0..num_labels-1."
             )
+
+
+def label_prior(batches, task: TaskConvention, num_classes: int, smoothing: float = 1.0, reduce=None):
+    """The class prior of the training targets, q_c = (n_c + s) / (N + C s) (Laplace smoothing s > 0
+    keeps every class possible), as a [C] float32 tensor, and N.
+
+    ``batches``: the training batches as the loss sees them (their targets are :meth:`TaskConvention.targets`);
+    ``reduce``: sums the [C] counts over processes (``accelerator.reduce(..., "sum")``) when the data is sharded."""
+    from ..losses import check_target_ids
+
+    counts = torch.zeros(num_classes, dtype=torch.float64)
+    for batch in batches:
+        targets = task.targets(batch).reshape(-1).cpu()
+        check_target_ids(targets, num_classes)
+        targets = targets[targets != IGNORE_INDEX]
+        counts += torch.bincount(targets, minlength=num_classes).double()
+    if reduce is not None:
+        counts = reduce(counts)
+    total = float(counts.sum())
+    prior = (counts + smoothing) / (total + num_classes * smoothing)
+    return prior.float(), int(total)
