@@ -5,7 +5,7 @@ PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip
 STAMP   = $(VENV)/.installed
 
-.PHONY: venv demo-deps demo test test-distributed test-cuda bench gpu-bench clean
+.PHONY: venv demo-deps demo test test-distributed test-cuda mutation bench gpu-bench clean
 
 venv: $(STAMP)
 
@@ -49,6 +49,18 @@ $(DS_STAMP): $(STAMP)
 
 test-distributed: $(DS_STAMP)
 	DS_ACCELERATOR=cpu $(PY) -m pytest -q tests/test_sharded.py
+
+# Mutation testing of the core modules (mutmut, pinned in requirements-mutation.txt; not part of
+# `make test`): mutants are made and tested in a copy of the tree under build/mutation, never in the
+# checkout. Prints the kill rate and the survivors not listed in mutation/equivalent.txt (mutation/run.py).
+MUT_STAMP = $(VENV)/.mutation-installed
+
+$(MUT_STAMP): $(STAMP) requirements-mutation.txt
+	$(PIP) install --quiet -r requirements-mutation.txt
+	touch $(MUT_STAMP)
+
+mutation: $(MUT_STAMP)
+	nice -n 10 $(PY) mutation/run.py $(MUTATION_ARGS)
 
 bench: venv
 	$(PY) benchmarks/loss_bench.py
