@@ -85,16 +85,21 @@ def make_compute_metrics(
     divergence: DivergenceSpec = "alpha:1.5",
     reference: ReferenceSpec = "unit",
     epsilon: float = 1e-6,
+    shift: bool = True,
 ) -> Callable:
     """A ``compute_metrics`` for the trainers (``Trainer(compute_metrics=...)``): receives the eval
-    logits and labels (labels aligned with the inputs) and returns :func:`sparse_safe_metrics`."""
+    logits and labels and returns :func:`sparse_safe_metrics`.
+
+    Logits [B, T, V] with labels [B, T] aligned with the inputs (causal LM: ``shift=True``, the default)
+    or with the logits (token classification, masked LM, seq2seq decoders: ``shift=False``); or
+    classification logits [B, C] with labels [B] (never shifted)."""
 
     def compute_metrics(eval_pred) -> dict:
         logits, labels = eval_pred.predictions, eval_pred.label_ids
         if isinstance(logits, (tuple, list)):
             logits = logits[0]
         out = sparse_safe_metrics(torch.from_numpy(np.asarray(logits)), torch.from_numpy(np.asarray(labels)),
-                                  divergence, reference, epsilon)
+                                  divergence, reference, epsilon, shift=shift)
         out.pop("tokens")
         return out
 

@@ -361,3 +361,61 @@ def test_label_prior_is_counted_once_and_is_logit_adjustment_under_kl(tmp_path):
 def test_label_prior_smoothing_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="label_prior_smoothing must be > 0"):
         FDivTrainingArguments(output_dir=str(tmp_path), reference="label_prior", label_prior_smoothing=0.0, **COMMON)
+
+
+# ----------------------------------------------------------------------------------- cards and metrics
+
+
+def test_card_names_the_task_pipeline_and_its_snippet_runs(tok, tmp_path):
+    """A text classifier's card: pipeline_tag text-classification, and its quick start (run here on the saved
+    model) gives p = f-softargmax(logits) with the trained divergence."""
+    import re
+    import transformers as tf
+    from huggingface_hub import ModelCard
+
+    from hf_fdiv import f_softargmax
+    from tiny_tasks import _bert_config
+
+    config = _bert_config(num_labels=3)
+    config.vocab_size = len(tok)
+    torch.manual_seed(0)
+    model = tf.BertForSequenceClassification(config)
+    dataset = make_dataset("sequence_classification")
+    trainer = FDivTrainer(model=model, processing_class=tok, train_dataset=dataset, data_collator=default_data_collator,
+                          args=FDivTrainingArguments(output_dir=str(tmp_path / "clf"), divergence="alpha:1.5",
+                                                     max_steps=1, **COMMON))
+    trainer.train()
+    trainer.save_model()
+    card = ModelCard.load(str(tmp_path / "clf" / "README.md"))
+    assert card.data.pipeline_tag == "text-classification"
+    code = re.search(r"```python\n(.*?)```", card.text, re.S).group(1).replace('"clf"', repr(str(tmp_path / "clf")))
+    assert "AutoModelForSequenceClassification" in code and "f_softargmax(logits, \"alpha:1.5\"" in code
+    scope = {}
+    exec(code, scope)
+    with torch.no_grad():
+        expected = f_softargmax(model(**tok("I loved this film.", return_tensors="pt")).logits, "alpha:1.5")
+    assert torch.allclose(scope["p"], expected, atol=1e-6)
+    # a causal LM keeps the text-generation card
+    lm_model, lm = trainer_for("causal_lm", tmp_path / "lm", divergence="alpha:1.5")
+    lm.save_model()
+    assert ModelCard.load(str(tmp_path / "lm" / "README.md")).data.pipeline_tag == "text-generation"
+
+
+@pytest.mark.parametrize("kind", ["sequence_classification", "token_classification"])
+def test_compute_metrics_takes_class_logits(kind, tmp_path):
+    """make_compute_metrics on [B, C] classification logits and [B, T, C] token logits (shift=False): accuracy
+    and support size against the argmax and f_softargmax of the model's logits."""
+    from hf_fdiv import f_softargmax
+    from hf_fdiv.metrics import make_compute_metrics
+
+    model, trainer = trainer_for(kind, tmp_path, divergence="alpha:1.5")
+    trainer.compute_metrics = make_compute_metrics("alpha:1.5", shift=False)
+    metrics = trainer.evaluate(make_dataset(kind))
+    batch = next(iter(trainer.get_eval_dataloader(make_dataset(kind))))
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    keep = batch["labels"] != -100
+    x, y = logits[keep], batch["labels"][keep]
+    assert metrics["eval_token_accuracy"] == pytest.approx(float((x.argmax(-1) == y).double().mean()), abs=1e-9)
+    support = (f_softargmax(x, "alpha:1.5") > 0).double().sum(-1).mean()
+    assert metrics["eval_support_size"] == pytest.approx(float(support), rel=1e-6)

@@ -312,6 +312,8 @@ class FDivTrainerMixin:
         fields = model_card.loss_fields(self.fdiv_divergence, self.fdiv_reference)
         if self._fdiv_prior_text is not None:
             fields["reference"] = self._fdiv_prior_text
+        fields["pipeline_tag"] = self.fdiv_task.pipeline_tag
+        fields["task_kind"] = self.fdiv_task.kind
         return fields
 
     def create_model_card(

@@ -154,6 +154,74 @@ def check_card_metadata(data: dict) -> None:
             raise ValueError("base_model_relation is set without a base_model.")
 
 
+#: (Auto class, processor class, example input) of each non-generative kind's quick start
+_TASK_SNIPPETS = {
+    "text-classification": ("AutoModelForSequenceClassification", "AutoTokenizer", '"I loved this film."'),
+    "image-classification": ("AutoModelForImageClassification", "AutoImageProcessor", "Image.open('cat.png')"),
+    "audio-classification": ("AutoModelForAudioClassification", "AutoFeatureExtractor",
+                             "waveform, sampling_rate=16_000"),
+    "video-classification": ("AutoModelForVideoClassification", "AutoImageProcessor", "list(video_frames)"),
+    "token-classification": ("AutoModelForTokenClassification", "AutoTokenizer", '"Ada Lovelace lived in London."'),
+    "fill-mask": ("AutoModelForMaskedLM", "AutoTokenizer", 'f"Paris is the {tokenizer.mask_token} of France."'),
+    "question-answering": ("AutoModelForQuestionAnswering", "AutoTokenizer",
+                           '"Where does Ada live?", "Ada lives in London."'),
+    "image-segmentation": ("AutoModelForSemanticSegmentation", "AutoImageProcessor", "Image.open('street.png')"),
+}
+
+
+def task_snippet(kind: str, pipeline_tag: str, model_id: str, divergence: str, reference_spec: Optional[str],
+                 is_peft: bool = False) -> Optional[str]:
+    """The card's quick start for a model that is not a causal LM (None: the template's generation snippet).
+
+    Scores are p = f-softargmax(logits; q), the distribution the model was trained to predict; the
+    task's ``pipeline`` gives the same argmax but softmax scores (the same thing only for KL)."""
+    if kind == "causal_lm":
+        return None
+    reference = f'"{reference_spec}"' if reference_spec else 'torch.load("reference.pt")  # the [C] prior used in training'
+    lines = ["```python", "import torch"]
+    if kind == "seq2seq":
+        lines += ["from transformers import AutoModelForSeq2SeqLM, AutoProcessor, LogitsProcessorList"]
+        if divergence != "kl":
+            lines += ["from hf_fdiv.generation import FSoftargmaxLogitsProcessor"]
+        lines += ["", f'processor = AutoProcessor.from_pretrained("{model_id}")',
+                  f'model = AutoModelForSeq2SeqLM.from_pretrained("{model_id}")']
+        if divergence != "kl":
+            lines += [f'logits_processor = LogitsProcessorList([FSoftargmaxLogitsProcessor("{divergence}", '
+                      f"reference={reference})])"]
+        else:
+            lines += ["logits_processor = LogitsProcessorList()  # KL: the softmax of the logits"]
+        lines += ['inputs = processor("translate English to French: Hello, how are you?", return_tensors="pt")',
+                  "out = model.generate(**inputs, max_new_tokens=32, do_sample=True, top_k=0, top_p=1.0, "
+                  "logits_processor=logits_processor)",
+                  "print(processor.batch_decode(out, skip_special_tokens=True))", "```"]
+        return "\n".join(lines)
+    auto, proc, example = _TASK_SNIPPETS[pipeline_tag]
+    lines += [f"from transformers import {auto}, {proc}, pipeline", "from hf_fdiv import f_softargmax", "",
+              f'processor = {proc}.from_pretrained("{model_id}")',
+              f'model = {auto}.from_pretrained("{model_id}")']
+    if pipeline_tag == "question-answering":
+        lines += [f"inputs = processor({example}, return_tensors=\"pt\")",
+                  "with torch.no_grad():", "    out = model(**inputs)",
+                  f'start = f_softargmax(out.start_logits, "{divergence}", {reference})  # over positions',
+                  f'end = f_softargmax(out.end_logits, "{divergence}", {reference})']
+    else:
+        call = f"processor({example}, return_tensors=\"pt\")"
+        lines += [f"inputs = {call}" if pipeline_tag != "fill-mask" else
+                  f"tokenizer = processor\ninputs = {call}",
+                  "with torch.no_grad():", "    logits = model(**inputs).logits"]
+        if pipeline_tag == "image-segmentation":
+            lines += ["logits = torch.nn.functional.interpolate(logits, size=inputs['pixel_values'].shape[-2:], "
+                      "mode='bilinear').movedim(1, -1)"]
+        lines += [f'p = f_softargmax(logits, "{divergence}", {reference})  # exactly 0 outside the support'
+                  if divergence != "kl" else f'p = f_softargmax(logits, "kl", {reference})  # the softmax',
+                  "print(p.argmax(-1), (p > 0).sum(-1))  # predicted classes, support sizes"]
+    lines += ["", f'# pipeline("{pipeline_tag}", model="{model_id}") gives the same argmax, with softmax scores'
+              + (" (= p for KL)" if divergence == "kl" else " (not the distribution p trained here)"), "```"]
+    if is_peft:
+        lines.insert(2, "# a PEFT adapter: load the base model, then PeftModel.from_pretrained(model, model_id)")
+    return "\n".join(lines)
+
+
 def _last_logged(log_history: list, key: str = "loss") -> Optional[float]:
     for entry in reversed(log_history or []):
         if key in entry and isinstance(entry[key], (int, float)) and math.isfinite(entry[key]):
@@ -201,12 +269,15 @@ def build_model_card(
         model_name=model_name,
         datasets=[dataset_name] if dataset_name else None,
         tags=tag_list,
-        pipeline_tag="text-generation",
+        pipeline_tag=fields.pop("pipeline_tag", "text-generation"),
         **extra,
     )
     check_card_metadata(card_data.to_dict())
     fields.setdefault("teacher_hub_id", None)
     fields.setdefault("chat_template", False)
+    kind = fields.pop("task_kind", "causal_lm")
+    fields["task_snippet"] = task_snippet(kind, card_data.pipeline_tag, hub_model_id or model_name,
+                                          fields["divergence"], fields.get("reference_spec"), is_peft)
     return ModelCard.from_template(
         card_data,
         template_path=template_path(),
