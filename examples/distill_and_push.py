@@ -15,7 +15,7 @@ from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
-from hf_fdiv import FDivDistillationConfig, FDivDistillationTrainer
+from hf_fdiv import FDivDistillationConfig, FDivDistillationTrainer, finish_distributed
 from hf_fdiv.cli import load_any_dataset
 
 
@@ -36,8 +36,7 @@ def main(script_args, training_args, model_args):
           f"mode={training_args.teacher_mode}, divergence={training_args.divergence}, tags={card.data.tags}")
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
-    trainer.accelerator.wait_for_everyone()  # under `accelerate launch`: leave together (README, Multi-GPU)
-    trainer.accelerator.end_training()
+    finish_distributed(trainer)  # under `accelerate launch`: leave together, close the group (README, Multi-GPU)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, ScriptArguments, TrlParser
 
-from hf_fdiv import FDivSFTConfig, FDivSFTTrainer
+from hf_fdiv import FDivSFTConfig, FDivSFTTrainer, finish_distributed
 from hf_fdiv.cli import load_any_dataset
 
 
@@ -37,8 +37,7 @@ def main(script_args, training_args, model_args):
     out = model.generate(**prompt, max_new_tokens=16, do_sample=False)
     print("adapter saved to", training_args.output_dir, "| sample:",
           repr(tok.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)))
-    trainer.accelerator.wait_for_everyone()  # under `accelerate launch`: leave together (README, Multi-GPU)
-    trainer.accelerator.end_training()
+    finish_distributed(trainer)  # under `accelerate launch`: leave together, close the group (README, Multi-GPU)
 
 
 if __name__ == "__main__":

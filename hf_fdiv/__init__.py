@@ -15,6 +15,7 @@ from .divergences import (
     available_divergences,
     get_divergence,
 )
+from .distributed import finish_distributed
 from .losses import FDivLoss, causal_lm_fdiv_loss, fdiv_loss
 from .solver import f_softargmax, f_softmax
 
@@ -62,6 +63,7 @@ __all__ = [
     "fdiv_loss",
     "FDivLoss",
     "causal_lm_fdiv_loss",
+    "finish_distributed",
     "__version__",
     *_LAZY,
 ]

@@ -26,6 +26,8 @@ import sys
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
+from .distributed import finish_distributed
+
 COMMANDS = ("sft", "distill", "teacher-topk", "demo")
 
 
@@ -263,10 +265,7 @@ def _train_save_push(trainer, training_args, dataset_name):
                   f"`hf upload {trainer.hub_model_id} {training_args.output_dir}`.", file=sys.stderr)
             sys.exit(1)
         trainer.accelerator.print(f"Pushed to https://huggingface.co/{trainer.hub_model_id}.")
-    # Leave together and close the process group: under `accelerate launch` a rank that exits while another
-    # still works can abort at interpreter exit (gloo, "terminate called without an active exception").
-    trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()
+    finish_distributed(trainer)  # under `accelerate launch`: leave together, close the group safely (issue 26)
 
 
 def _teacher_topk(argv):
@@ -293,6 +292,7 @@ def _teacher_topk(argv):
     out.save_to_disk(args.output_dir)
     print(f"{len(out)} rows with teacher top-{args.k} log-probabilities saved to {args.output_dir}; "
           f"distil with: hf-fdiv distill --dataset_name {args.output_dir} --model_name_or_path <student> ...")
+    finish_distributed()  # the SFT preparation started the process group under `accelerate launch`
 
 
 def _has_gpu() -> bool:

@@ -1,5 +1,6 @@
-"""Worker for the 2-process test: one optimizer step of FDivSFTTrainer or FDivDistillationTrainer,
-launched by accelerate (2 CPU processes, gloo) or run alone; rank 0 saves the parameters."""
+"""Worker for the 2-process test and `make test-soak`: one optimizer step of FDivSFTTrainer or
+FDivDistillationTrainer, launched by accelerate (2 CPU processes, gloo) or run alone; rank 0 saves the
+parameters. It ends as the README's multi-process recipe says: ``finish_distributed(trainer)``."""
 
 import os
 import sys
@@ -9,11 +10,19 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 import torch  # noqa: E402
 
-from hf_fdiv import FDivDistillationConfig, FDivDistillationTrainer, FDivSFTConfig, FDivSFTTrainer  # noqa: E402
+from hf_fdiv import (  # noqa: E402
+    FDivDistillationConfig,
+    FDivDistillationTrainer,
+    FDivSFTConfig,
+    FDivSFTTrainer,
+    finish_distributed,
+)
+from launch import arm_hang_dump  # noqa: E402
 from tiny import SFT_COMMON, make_model, make_tokenizer, messages_dataset  # noqa: E402
 
 
 def main(out: str, which: str, per_device: int) -> None:
+    arm_hang_dump()  # a hung rank prints its stacks and exits before the launcher's timeout
     tok = make_tokenizer()
     common = dict(SFT_COMMON)
     common.update(output_dir=out, per_device_train_batch_size=per_device, max_steps=1, learning_rate=0.5,
@@ -30,10 +39,7 @@ def main(out: str, which: str, per_device: int) -> None:
         model = tr.accelerator.unwrap_model(tr.model)
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()},
                    os.path.join(out, f"params-{tr.accelerator.num_processes}.pt"))
-    # Leave together: a rank that tears its gloo group down while the other still works can abort at
-    # interpreter exit ("terminate called without an active exception") in about one run in ten.
-    tr.accelerator.wait_for_everyone()
-    tr.accelerator.end_training()
+    finish_distributed(tr)  # the README's last line of a multi-process script (issue 26)
 
 
 if __name__ == "__main__":

@@ -258,6 +258,9 @@ def run_case(out: str, engine: str, case: str, saved: str) -> dict:
 
 
 def main(out: str, engine: str, cases: str) -> None:
+    from launch import arm_hang_dump
+
+    arm_hang_dump()  # a hung rank prints its stacks and exits before the launcher's timeout
     if engine not in ENGINES:
         raise SystemExit(f"unknown engine {engine!r}; one of {ENGINES}")
     if engine not in ("single", "ddp"):
@@ -282,11 +285,9 @@ def main(out: str, engine: str, cases: str) -> None:
             torch.save(result, os.path.join(out, f"{case}-{engine}.pt"))
         print(f"[rank {rank}] {case}/{engine}: {'error' if 'error' in result else 'ok'}", flush=True)
     shutil.rmtree(saved, ignore_errors=True)
-    # Leave together (see dist_worker.py): a rank exiting while another still works can abort at exit.
-    from accelerate.state import PartialState
+    from hf_fdiv import finish_distributed
 
-    PartialState().wait_for_everyone()
-    PartialState().destroy_process_group()
+    finish_distributed()  # leave together, close the group safely (issue 26; the trainers are gone by now)
 
 
 if __name__ == "__main__":
