@@ -78,7 +78,8 @@ def oracle_accuracy(kind, model, batch) -> float:
     if kind == "question_answering":
         pred = torch.stack([out.start_logits.argmax(-1), out.end_logits.argmax(-1)], 1)
         target = torch.stack([batch["start_positions"], batch["end_positions"]], 1)
-        return float((pred == target).double().mean())
+        inside = target < out.start_logits.shape[1]  # answers outside the input are not targets
+        return float((pred == target)[inside].double().mean())
     logits, labels = out.logits, batch["labels"]
     if kind == "semantic_segmentation":
         logits = torch.nn.functional.interpolate(logits, size=labels.shape[-2:], mode="bilinear",
