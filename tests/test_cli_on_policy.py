@@ -1,7 +1,10 @@
 """On-policy distillation end to end in subprocesses, tiny mode: the TRL-recipe script with the class
-swapped (examples/on_policy_distillation.py) and ``hf-fdiv distill --on-policy``."""
+swapped (examples/on_policy_distillation.py), ``hf-fdiv distill --on-policy`` and the on-policy study."""
 
 from __future__ import annotations
+
+import json
+import math
 
 from huggingface_hub import ModelCard
 
@@ -31,3 +34,13 @@ def test_cli_distill_on_policy(tiny, tmp_path):  # noqa: F811
          "--use_peft", "--lora_target_modules", "q_proj", "v_proj", *TINY])
     card = ModelCard.load(str(tmp_path / "cli" / "README.md"))
     assert card.data.library_name == "peft" and "`reference`" in card.text and "`kl`" in card.text
+
+
+def test_on_policy_study_tiny_mode(tmp_path):
+    run([PY, "examples/on_policy_study.py", "--tiny", "--output_dir", str(tmp_path)])
+    summary = json.loads((tmp_path / "results.json").read_text())
+    assert [r["method"] for r in summary["runs"]] == ["alpha:1.5 (hf_fdiv)", "forward KL (TRL beta=0)",
+                                                      "reverse KL (TRL beta=1)"]
+    for r in summary["runs"]:
+        assert 0.0 <= r["agreement"] <= 1.0 and r["seconds_per_step"] > 0 and math.isfinite(r["final_train_loss"])
+    assert "| alpha:1.5 (hf_fdiv) |" in (tmp_path / "results.md").read_text()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from trl.experimental.gkd import GKDConfig, GKDTrainer
 
 from hf_fdiv import FDivGKDConfig, FDivGKDTrainer
@@ -80,12 +81,20 @@ def test_batch_8_ga_1_equals_batch_4_ga_2(tok, tmp_path):
     assert max_diff(out[0], out[1]) <= 1e-6
 
 
-def test_alpha_15_on_policy_trains(tok, tmp_path):
-    trainer = build(FDivGKDTrainer, FDivGKDConfig, tok, tmp_path, lmbda=1.0, learning_rate=1e-2, optim="adamw_torch")
+def test_alpha_15_on_policy_trains_and_card(tok, tmp_path):
+    teacher = make_model(tok, hidden=32, seed=1)
+    teacher.config._name_or_path = "acme/tiny-teacher"
+    trainer = build(FDivGKDTrainer, FDivGKDConfig, tok, tmp_path, teacher=teacher, lmbda=1.0, learning_rate=1e-2,
+                    optim="adamw_torch", teacher_mode="reference")
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
-    assert all(h["support_size"] < len(tok) for h in trainer.state.log_history if "support_size" in h)
+    supports = [h["support_size"] for h in trainer.state.log_history if "support_size" in h]
+    assert len(supports) == 3 and max(supports) <= len(tok)
+    trainer.save_model()
+    card = ModelCard.load(str(tmp_path / "README.md"))
+    for text in ("FDivGKDTrainer", "acme/tiny-teacher", "`reference`", "`alpha:1.5`"):
+        assert text in card.text, text
 
 
 def test_bad_input(tok, tmp_path):
