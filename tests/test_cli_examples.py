@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pytest
 from huggingface_hub import ModelCard
+
+from launch import accelerate_launch, launch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
@@ -16,11 +17,9 @@ COMMON = ["--bf16", "False", "--use_cpu", "--report_to", "none", "--activation_c
 
 
 def run(args, timeout=300):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               HF_HUB_DISABLE_TELEMETRY="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{args}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-3000:]}"
-    return proc.stdout + proc.stderr
+    proc = launch(args, timeout=timeout)  # its own session, every process killed on timeout (tests/launch.py)
+    assert proc.returncode == 0, proc.report(tail=3000)
+    return proc.output
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +64,7 @@ def test_cli_distill_online_offline_and_topk(tiny, tmp_path):
 
 
 def test_cli_errors():
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.run(cli("bogus"), cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = launch(cli("bogus"), timeout=60)
     assert proc.returncode == 2 and "unknown command 'bogus'" in proc.stderr
 
 
@@ -128,9 +126,8 @@ def test_demo_import_leaves_environment_alone():
                                      "TRANSFORMERS_OFFLINE"]),
                                ({"HF_HUB_OFFLINE": "0"}, ["HF_DATASETS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY",
                                                           "TRANSFORMERS_OFFLINE"])):
-        proc = subprocess.run([PY, "-c", DEMO_ENV_PROBE], cwd=ROOT, env={**clean, **extra}, capture_output=True,
-                              text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        proc = launch([PY, "-c", DEMO_ENV_PROBE], timeout=120, env={**clean, **extra}, inherit=False)
+        assert proc.returncode == 0, proc.report(tail=3000)
         report = json.loads(proc.stdout.strip().splitlines()[-1])
         assert report["import"] == [], f"import hf_fdiv.demo changed {report['import']}"
         assert report["main"] == expect_main
@@ -138,15 +135,9 @@ def test_demo_import_leaves_environment_alone():
 
 
 def test_cli_under_accelerate_launch_two_processes(tiny, tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = run([PY, "-m", "accelerate.commands.launch", "--config_file", "examples/accelerate_configs/cpu_2proc.yaml",
-               "--main_process_port", str(port), "-m", "hf_fdiv.cli", "sft", "--model_name_or_path",
-               str(tiny / "student"), "--dataset_name", str(tiny / "data"), "--output_dir", str(tmp_path / "ddp"),
-               "--logging_steps", "1", *COMMON])
+    out = run(accelerate_launch("cpu_2proc.yaml", "-m", "hf_fdiv.cli", "sft", "--model_name_or_path",
+                                tiny / "student", "--dataset_name", tiny / "data", "--output_dir", tmp_path / "ddp",
+                                "--logging_steps", "1", *COMMON))
     assert "'epoch': '0.25'" in out  # 2 processes x 4 rows of 32: a step covers a quarter of the data
     assert (tmp_path / "ddp" / "README.md").exists()
 

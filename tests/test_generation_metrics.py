@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import subprocess
 import sys
 
 import numpy as np
@@ -16,9 +14,8 @@ from hf_fdiv import f_softargmax
 from hf_fdiv.generation import FSoftargmaxLogitsProcessor, TeacherReference
 from hf_fdiv.metrics import jensen_shannon, make_compute_metrics, sparse_safe_metrics
 
+from launch import launch
 from tiny import make_model
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -130,10 +127,8 @@ def test_compute_metrics_hook():
 
 def test_study_tiny_mode(tmp_path):
     pytest.importorskip("chatterbot_corpus", reason="the study reads the chatterbot-corpus wheel")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "examples/study.py", "--tiny", "--output_dir", str(tmp_path)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    proc = launch([sys.executable, "examples/study.py", "--tiny", "--output_dir", tmp_path], timeout=600)
+    assert proc.returncode == 0, proc.report(tail=2000)
     table = (tmp_path / "results.md").read_text()
     for name in ("SFT kl", "SFT alpha:1.5", "SFT chi2", "SFT js", "SFT reverse_kl", "teacher as reference",
                  "teacher as target"):

@@ -4,8 +4,9 @@ import importlib.util
 import json
 import math
 import os
-import subprocess
 import sys
+
+from launch import launch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_bench.py")
@@ -39,9 +40,8 @@ def test_cpu_tiny_run(tmp_path):
     cmd = [sys.executable, SCRIPT, "--device", "cpu", "--scale", "tiny", "--repeats", "2", "--out", str(out)]
     for o in only:
         cmd += ["--only", o]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = launch(cmd, timeout=120)
+    assert proc.returncode == 0, proc.report()
     stdout = proc.stdout
     assert "| case | impl | backend | shape, dtype | time ms | peak GiB | x base | target |" in stdout
     assert "Targets of issue 11" in stdout

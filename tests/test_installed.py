@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import pathlib
-import subprocess
 import sys
 
 import pytest
+
+from launch import launch
 
 pytestmark = pytest.mark.installed
 
@@ -43,9 +43,8 @@ def source_modules() -> list[str]:
 
 
 def run(args, cwd, timeout=300) -> str:
-    proc = subprocess.run(args, cwd=cwd, env={**os.environ, **OFFLINE}, capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0, f"{args}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-3000:]}"
+    proc = launch(args, timeout=timeout, env=OFFLINE, cwd=cwd)  # own session, killed on timeout (tests/launch.py)
+    assert proc.returncode == 0, proc.report(tail=3000)
     return proc.stdout
 
 

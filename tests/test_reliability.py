@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
 
 import entmax
@@ -25,9 +23,11 @@ from hf_fdiv import (
 from hf_fdiv.fused import fused_linear_fdiv_loss
 from hf_fdiv.solver import NonFiniteLogitsError
 
+from launch import accelerate_launch, launch
 from tiny import COMMON, SFT_COMMON, make_model, make_tokenizer, messages_dataset, text_dataset, tokenized_lm_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(ROOT, "tests", "dist_worker.py")
 
 
 def sft(tok, tmp_path, model=None, dataset=None, **cfg):
@@ -208,25 +208,13 @@ def test_teacher_inputs_follow_the_teacher(tok, tmp_path):
 # --------------------------------------------------------------------------------- distributed
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("which", ["sft", "distill"])
 def test_two_processes_equal_one_process_on_the_doubled_batch(tmp_path, which):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-              os.path.join(ROOT, "examples", "accelerate_configs", "cpu_2proc.yaml"),
-              "--main_process_port", str(free_port()), os.path.join(ROOT, "tests", "dist_worker.py"),
-              str(tmp_path), which, "4"]
-    proc = subprocess.run(launch, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    single = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "dist_worker.py"), str(tmp_path), which, "8"],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert single.returncode == 0, single.stderr[-3000:]
+    # a 1-step tiny run takes ~20 s on 2 loaded cores: 120 s, then every rank's stacks and all killed
+    two_processes = launch(accelerate_launch("cpu_2proc.yaml", WORKER, tmp_path, which, 4), timeout=120)
+    assert two_processes.returncode == 0, two_processes.report()
+    single = launch([sys.executable, WORKER, tmp_path, which, 8], timeout=120)
+    assert single.returncode == 0, single.report()
     two = torch.load(tmp_path / "params-2.pt")
     one = torch.load(tmp_path / "params-1.pt")
     init = make_model(make_tokenizer()).state_dict()

@@ -16,19 +16,16 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
+from launch import accelerate_launch, launch
 from tiny import make_model, make_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "sharded_worker.py")
-CONFIGS = os.path.join(ROOT, "examples", "accelerate_configs")
 CASES = ("sft_alpha", "sft_kl", "distill_target", "distill_reference", "distill_topk")
 STEPS = 3  # sharded_worker.STEPS
 TOL = 1e-5
@@ -49,19 +46,9 @@ ENGINES = {
     "zero3": ("cpu_zero3.yaml", "DEEPSPEED", _deepspeed),
     "zero3_init": ("cpu_zero3_init.yaml", "DEEPSPEED", _deepspeed),  # zero3_init_flag + from_pretrained
 }
-# the first DeepSpeed start builds a CPU op (minutes); later starts load it from the cache
-TIMEOUT = {"zero2": 1200, "zero3": 1200, "zero3_init": 1200}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict:
-    return dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-                OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+# seconds a launch may take (five cases of 3 steps, ~15-40 s on 2 loaded cores); the first DeepSpeed start
+# builds a CPU op (minutes), later starts load it from the cache
+TIMEOUT = {"single": 300, "fsdp": 300, "zero2": 1200, "zero3": 1200, "zero3_init": 1200}
 
 
 class Runs:
@@ -72,25 +59,16 @@ class Runs:
         self.logs: dict = {}
 
     def _run(self, engine: str, cmd: list, timeout: int):
-        if engine in self.logs:
-            return
-        start = time.perf_counter()
-        try:
-            proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
-            log = f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
-        except subprocess.TimeoutExpired as err:
-            log = f"timed out after {timeout} s\n{str(err.stdout)[-4000:]}\n{str(err.stderr)[-8000:]}"
-        self.logs[engine] = f"[{engine}: {time.perf_counter() - start:.0f} s] {log}"
+        if engine not in self.logs:
+            self.logs[engine] = f"[{engine}] " + launch(cmd, timeout=timeout).report(tail=8000)
 
     def result(self, engine: str, case: str) -> dict:
         cases = ",".join(CASES)
         if engine == "single":
-            self._run(engine, [sys.executable, WORKER, str(self.out), "single", cases], 600)
+            self._run(engine, [sys.executable, WORKER, self.out, "single", cases], TIMEOUT["single"])
         else:
-            config = os.path.join(CONFIGS, ENGINES[engine][0])
-            self._run(engine, [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config,
-                               "--main_process_port", str(free_port()), WORKER, str(self.out), engine, cases],
-                      TIMEOUT.get(engine, 600))
+            self._run(engine, accelerate_launch(ENGINES[engine][0], WORKER, self.out, engine, cases),
+                      TIMEOUT.get(engine, TIMEOUT["fsdp"]))
         path = self.out / f"{case}-{engine}.pt"
         if not path.exists():
             pytest.fail(f"{engine}/{case}: no result written\n{self.logs[engine]}")

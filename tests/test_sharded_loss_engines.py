@@ -4,13 +4,11 @@ whole batch. FSDP averages gradients over ranks, so the single process steps wit
 
 import functools
 import os
-import socket
 import sys
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORLD = 2
@@ -77,31 +75,33 @@ def _one_step(rank, layout, div, ids):
     return {"loss": total, "params": params, "warnings": [str(w.message) for w in caught]}
 
 
-def _worker(rank, port, out):
+def _worker(out):
+    """One rank, started by torchrun (RANK, MASTER_ADDR / MASTER_PORT in the environment)."""
     sys.path[:0] = [HERE, os.path.join(os.path.dirname(HERE), "examples")]
+    from launch import arm_hang_dump
     from tiny import make_tokenizer
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from hf_fdiv import finish_distributed
+
+    arm_hang_dump()  # a hung rank prints its stacks and exits before the launcher's timeout
+    rank = int(os.environ["RANK"])
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     ids = torch.randint(3, len(make_tokenizer()), (4, 12), generator=torch.Generator().manual_seed(1))
     results = {(layout, div): _one_step(rank, layout, div, ids) for layout in LAYOUTS for div in DIVERGENCES}
     if rank == 0:
         torch.save({"ids": ids, "results": results}, out)
-    dist.barrier()  # leave together (see dist_worker.py)
-    dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    finish_distributed()  # leave together, close the group safely (issue 26)
 
 
 @pytest.fixture(scope="module")
 def sharded_runs(tmp_path_factory):
     """Every layout x divergence in one 2-process run (process start-up dominates the cost)."""
-    out = str(tmp_path_factory.mktemp("fsdp") / "rank0.pt")
-    mp.spawn(_worker, args=(_free_port(), out), nprocs=WORLD)
+    from launch import free_port, launch
+
+    out = tmp_path_factory.mktemp("fsdp") / "rank0.pt"
+    run = launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", WORLD, "--master_port",
+                  free_port(), os.path.abspath(__file__), out], timeout=180)
+    assert run.returncode == 0, run.report()
     return torch.load(out)
 
 
@@ -123,3 +123,7 @@ def test_fused_loss_under_fsdp_equals_one_process(sharded_runs, layout, div):
     # a head sharded as its own unit cannot be read whole: the model's own logits are used, and said so
     fell_back = any("materialised logits" in w for w in got["warnings"])
     assert fell_back == (layout == "fsdp2_head_unit")
+
+
+if __name__ == "__main__":  # a rank of the 2-process run (sharded_runs)
+    _worker(sys.argv[1])

@@ -13,7 +13,6 @@ import os
 import pathlib
 import re
 import shlex
-import subprocess
 import sys
 import warnings
 
@@ -39,6 +38,7 @@ from hf_fdiv import (
 from hf_fdiv.trainers import arguments as fdiv_arguments
 from hf_fdiv.trainers.checks import ConfigurationError, HubUnavailableError
 from hf_fdiv.trainers.model_card import BASE_MODEL_RELATIONS, check_card_metadata
+from launch import launch
 from tiny import SFT_COMMON, make_model, messages_dataset, prompt_completion_dataset, text_dataset
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -270,11 +270,9 @@ def test_cli_sft_readme_line_on_a_cpu_machine_with_lora_base_model_id_and_eval_s
             "alpha:1.5", "--reference", "unit", "--use_peft", "--lora_target_modules", "q_proj", "v_proj",
             "--base_model_id", SMOL, "--eval_strategy", "steps", "--eval_steps", "1", "--eval_split_size", "0.25",
             "--max_steps", "1", "--report_to", "none", "--per_device_train_batch_size", "4"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    text = proc.stdout + proc.stderr
-    assert proc.returncode == 0, text[-3000:]
+    proc = launch(args, timeout=240)
+    text = proc.output
+    assert proc.returncode == 0, proc.report(tail=3000)
     assert "bf16='auto' -> bf16=False" in text
     assert "is deprecated" not in text, [line for line in text.splitlines() if "deprecated" in line]
     assert "'eval_loss'" in text
