@@ -54,5 +54,25 @@ def test_finish_distributed_ends_repeated_gloo_groups(tmp_path):
         assert f"[rank {rank}] round {ROUNDS - 1} ended" in run.stdout
 
 
+def test_the_readme_recipe_is_what_the_soak_launches():
+    # README, "Ending your own script": the script's last line and its launch line; `make test-soak`
+    # launches tests/dist_worker.py, whose main() ends with that line, with that config
+    import ast
+    import re
+
+    from launch import ROOT
+
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    recipe = re.search(r"Ending your own script.*?```python\n(.*?)```\s*```bash\n(.*?)```", readme, flags=re.S)
+    script, command = recipe.group(1).strip().splitlines(), recipe.group(2)
+    assert script[-1].split("#")[0].strip() == "finish_distributed(trainer)"
+    worker = ast.parse(open(os.path.join(ROOT, "tests", "dist_worker.py")).read())
+    main = next(f for f in worker.body if isinstance(f, ast.FunctionDef) and f.name == "main")
+    assert ast.unparse(main.body[-1]) == "finish_distributed(tr)"
+    config = re.search(r"--config_file examples/accelerate_configs/(\S+)", command).group(1)
+    soak = open(os.path.join(ROOT, "tests", "soak.py")).read()
+    assert f'accelerate_launch("{config}", WORKER' in soak
+
+
 if __name__ == "__main__":
     _rank(sys.argv[1])
