@@ -55,3 +55,19 @@ def test_task_script_runs_with_only_the_class_swapped(script, assets, tmp_path, 
     assert "fdiv-alpha-1.5" in card.data.tags
     loss = float(re.search(r"last logged training loss \| ([0-9.]+)", card.text).group(1))
     assert math.isfinite(loss) and loss > 0
+
+
+def test_classification_study_tiny_mode(tmp_path):
+    """The classification study's CI mode on the chatterbot topics (the digits need requirements-study.txt)."""
+    import json
+
+    study = runpy.run_path(os.path.join(ROOT, "examples", "classification_study.py"), run_name="study")
+    study["main"](["--tiny", "--datasets", "topics", "--output_dir", str(tmp_path)])
+    results = json.load(open(tmp_path / "results.json"))["results"]
+    assert sorted((r["divergence"], r["reference"]) for r in results) == [("alpha:1.5", "label_prior"),
+                                                                         ("alpha:1.5", "unit")]
+    for r in results:
+        m = r["metrics"]
+        assert 0 <= m["accuracy"] <= 1 and math.isfinite(m["eps_nll"]) and 1 <= m["support"] <= 18
+    assert (tmp_path / "study.png").stat().st_size > 0 and "| topics | `alpha:1.5` | label_prior |" in open(
+        tmp_path / "results.md").read()
