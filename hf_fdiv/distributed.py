@@ -9,7 +9,8 @@ needs the GIL (the work holds a snapshot of the thread-local state, with Python 
 thread meanwhile runs ``~ProcessGroupGloo`` (for instance when the DDP ``Reducer`` that holds the group is
 freed), it holds the GIL and waits for that mutex / joins that thread: a deadlock (pytorch/pytorch#56297).
 ``accelerator.wait_for_everyone(); accelerator.end_training()`` followed by the trainer going out of scope
-is exactly that order. The order below was found by reproducing the hang (see docs/teardown.md).
+is exactly that order. The order below was found by reproducing the hang: tests/test_teardown.py makes
+gloo groups in a row and ends each one; the old order deadlocks there within five groups.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def finish_distributed(trainer=None) -> None:
     at interpreter exit); (4) ``torch.distributed.destroy_process_group()`` while the interpreter is alive.
 
     Does nothing in a single process (no process group). After it, no collective works: call it last.
+    (Not part of the trainers' end of training: ``save_model``, ``push_to_hub`` and ``evaluate`` still
+    need the group after ``train()``, and only the script knows when it is done.)
     ``trainer`` is a ``transformers.Trainer`` (any hf_fdiv trainer) or None (a script without one).
     """
     import torch.distributed as dist
