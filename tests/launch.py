@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import faulthandler
 import os
-import resource
 import signal
 import socket
 import subprocess
@@ -68,8 +67,10 @@ def accelerate_launch(config: str, *args) -> list:
             *map(str, args)]
 
 
-def _no_core_files() -> None:  # in the child, before exec: SIGABRT on timeout must not write core files
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+#: runs the command with core files off (SIGABRT on timeout must not write any), by exec: same pid, and
+#: no preexec_fn (not safe in a parent with threads)
+_NO_CORE = ("import os, resource, sys; resource.setrlimit(resource.RLIMIT_CORE, (0, 0)); "
+            "os.execvp(sys.argv[1], sys.argv[1:])")
 
 
 def _tree(root, known: dict) -> dict:
@@ -106,8 +107,8 @@ def launch(args, *, timeout: float, env: dict | None = None, inherit: bool = Tru
     base = {**os.environ, **ENV} if inherit else {"PYTHONFAULTHANDLER": "1"}
     full_env = {**base, HANG_DUMP_ENV: f"{0.85 * timeout:.0f}", **(env or {})}
     start = time.perf_counter()
-    proc = subprocess.Popen([str(a) for a in args], cwd=cwd, env=full_env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=_no_core_files)
+    proc = subprocess.Popen([sys.executable, "-c", _NO_CORE, *map(str, args)], cwd=cwd, env=full_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     root = psutil.Process(proc.pid)
     known = {proc.pid: root}
     out = err = None
