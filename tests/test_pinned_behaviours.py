@@ -11,9 +11,12 @@ import math
 import pytest
 import torch
 
-from hf_fdiv import FDivDistillationConfig, FDivDistillationTrainer, add_teacher_topk, f_softargmax, fdiv_loss
+from hf_fdiv import (FDivDistillationConfig, FDivDistillationTrainer, FDivLoss, add_teacher_topk, causal_lm_fdiv_loss,
+                     f_softargmax, f_softmax, fdiv_loss)
+from hf_fdiv.divergences import KL, FDivergence, get_divergence
+from hf_fdiv.losses import fdiv_loss_rows
 from hf_fdiv.fused import fused_linear_fdiv_loss
-from hf_fdiv.solver import NonFiniteLogitsError, triton_available
+from hf_fdiv.solver import NonFiniteLogitsError, RowProvider, triton_available
 
 from tiny import SFT_COMMON, make_model, messages_dataset
 
@@ -160,3 +163,341 @@ def test_nan_logit_raises_on_every_backend(monkeypatch, backend, name):
         fdiv_loss(x, t, name)
     with pytest.raises(NonFiniteLogitsError, match=r"^1 row\(s\) of logits have no finite maximum"):
         fdiv_loss(x, torch.softmax(x.nan_to_num(), -1), name)  # soft targets take another loss path
+
+
+# ------------------------------------------------------------------------ survivors of `make mutation`
+
+
+def test_fused_loss_scaled_backward_twice_with_a_retained_graph():
+    """(3 * loss).backward twice, the first keeping the graph: the first backward scales a copy of the
+    stored gradient by 3, the second scales the buffer itself; together 6x the materialised gradients
+    (an in-place first scaling, or a division, would give 12x or (3 + 1/3)x)."""
+    g = torch.Generator().manual_seed(4)
+    N, H, V = 20, 8, 50
+    h, W = torch.randn(N, H, generator=g, dtype=torch.float64), torch.randn(V, H, generator=g, dtype=torch.float64)
+    t = torch.randint(0, V, (N,), generator=g)
+    ref = [x.clone().requires_grad_() for x in (h, W)]
+    got = [x.clone().requires_grad_() for x in (h, W)]
+    (6 * fdiv_loss(ref[0] @ ref[1].T, t, "alpha:1.5", reduction="sum")).backward()
+    loss = fused_linear_fdiv_loss(got[0], got[1], t, "alpha:1.5")
+    (3 * loss).backward(retain_graph=True)
+    (3 * loss).backward()
+    for a, c in zip(ref, got):
+        torch.testing.assert_close(c.grad, a.grad, atol=1e-10, rtol=1e-9)
+
+
+GENERATORS = ["kl", "reverse_kl", "chi2", "squared_hellinger", "js", "alpha:0.5", "alpha:1.5", "alpha:2", "alpha:3"]
+
+
+def custom_alpha_15(with_conj=True):
+    """entmax15's generator from plain functions: f(u) = 4/3 (u^1.5 - 1.5 u + 0.5), f'(u) = 2 (sqrt u - 1),
+    (f')^-1(v) = (v / 2 + 1)^2, f'' = 1 / sqrt u, and f*(v) = 2/3 (max(v / 2 + 1, 0)^3 - 1)."""
+    conj = (lambda v: 2 / 3 * ((v / 2 + 1).clamp(min=0) ** 3 - 1)) if with_conj else None
+    return FDivergence.from_functions(
+        "custom15", lambda u: 4 / 3 * (u ** 1.5 - 1.5 * u + 0.5), lambda u: 2 * (u.sqrt() - 1),
+        lambda v: (v / 2 + 1) ** 2, lambda u: 1 / u.sqrt(), conj=conj,
+    )
+
+
+def generator(spec):
+    customs = {"custom": custom_alpha_15, "custom-no-conj": lambda: custom_alpha_15(False), "custom_chi2": lambda: custom_chi2()}
+    return customs.get(spec, lambda: get_divergence(spec))()
+
+
+@pytest.mark.parametrize("spec", GENERATORS + ["custom", "custom-no-conj"])
+def test_generator_identities_against_f_and_autograd(spec):
+    """Every method of a generator against f and f' alone (fp64): u = (f*)'(f'(u)), (f*)''(f'(u)) = 1 / f''(u)
+    with f'' by autograd, f*(f'(u)) = u f'(u) - f(u) (Fenchel equality), the fused and Newton forms equal
+    the plain ones, and the Jacobian weight is q / f''(p / q) on the support, 0 off it. Most of these
+    methods are off the solver's hot path, so no solver test would see them drift."""
+    div = generator(spec)
+    u = torch.linspace(0.05, 4.0, 41, dtype=torch.float64).requires_grad_()
+    fp = div.f_prime(u)
+    (f2,) = torch.autograd.grad(fp.sum(), u)
+    u, v = u.detach(), fp.detach()
+    torch.testing.assert_close(div.conj_grad(v), u, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(div.conj_hess(v), 1 / f2, atol=1e-9, rtol=1e-8)
+    torch.testing.assert_close(div.conj(v), u * v - div.f(u), atol=1e-9, rtol=1e-9)
+    g, h = div.conj_grad_and_hess(v)
+    torch.testing.assert_close(g, u, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(h, 1 / f2, atol=1e-9, rtol=1e-8)
+    tau = torch.tensor([[0.0], [0.3]], dtype=torch.float64)
+    z = v[None, :] + tau  # z - tau = v in both rows
+    g2, h2 = div.newton_eval(div.newton_prepare(z), tau)
+    torch.testing.assert_close(g2, u.expand(2, -1), atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(h2, (1 / f2).expand(2, -1), atol=1e-9, rtol=1e-8)
+    torch.testing.assert_close(div.newton_eval_grad(div.newton_prepare(z), tau), u.expand(2, -1), atol=1e-9, rtol=1e-9)
+    q = torch.linspace(0.2, 2.0, 41, dtype=torch.float64)
+    on_support = torch.arange(41) > 0
+    p = torch.where(on_support, u * q, 0.0)  # p / q = u, class 0 off the support
+    torch.testing.assert_close(div.jacobian_weight(p, q), torch.where(on_support, q / f2, 0.0), atol=1e-9, rtol=1e-8)
+
+
+@pytest.mark.parametrize("spec", ["chi2", "alpha:1.5", "alpha:2", "alpha:3", "custom", "custom_chi2"])
+def test_sparse_generators_are_zero_below_f_prime_at_zero(spec):
+    """Below f'(0) the clip is active: (f*)' = (f*)'' = 0 and f* = -f(0) (p_j = 0 exactly)."""
+    div = generator(spec)
+    v = div.f_prime_zero - torch.tensor([0.0, 1e-3, 0.5, 7.0], dtype=torch.float64)  # from f'(0) itself down
+    zero = torch.zeros(4, dtype=torch.float64)
+    torch.testing.assert_close(div.conj_grad(v), zero, atol=0, rtol=0)
+    torch.testing.assert_close(div.conj_hess(v), zero, atol=0, rtol=0)
+    torch.testing.assert_close(div.conj_grad_and_hess(v)[1], zero, atol=0, rtol=0)
+    torch.testing.assert_close(div.conj(v), torch.full((4,), -div.f_zero, dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+def test_custom_generators_are_equal_only_to_themselves():
+    a, b = custom_alpha_15(), custom_alpha_15()
+    assert a == a and a != b and hash(a) != hash(b)
+    assert get_divergence("alpha:1.5") == get_divergence("entmax15") and get_divergence("js") != get_divergence("kl")
+
+
+def custom_chi2():
+    """Pearson chi2 from plain functions: f(u) = (u - 1)^2 / 2, f'(0) = -1 (sparse), f'' = 1 (finite at 0)."""
+    return FDivergence.from_functions("custom_chi2", lambda u: (u - 1) ** 2 / 2, lambda u: u - 1, lambda v: v + 1,
+                                      lambda u: torch.ones_like(u))
+
+
+def test_custom_generator_with_finite_f_second_at_zero_is_zero_off_the_support():
+    div = custom_chi2()
+    v = torch.tensor([-3.0, -1.0, -0.5, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(div.conj_grad(v), torch.tensor([0.0, 0.0, 0.5, 2.0], dtype=torch.float64), atol=0, rtol=0)
+    torch.testing.assert_close(div.conj_hess(v), torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=torch.float64), atol=0, rtol=0)
+
+
+def test_from_functions_explicit_values_and_errors():
+    """f'(0) / f(0) given explicitly are used where the functions give NaN at 0; a NaN in either alone, or
+    f(1) != 0, is a clear error."""
+    f = lambda u: u * torch.log(u) - u + 1  # noqa: E731  (0 * log 0 = NaN in torch)
+    f_prime = lambda u: torch.xlogy(u, u) / u  # noqa: E731  (0 / 0 = NaN at u = 0)
+    div = FDivergence.from_functions("kl_nan_at_0", f, f_prime, torch.exp, lambda u: 1 / u, f_prime_zero=-math.inf,
+                                     f_zero=1.0)
+    assert div.f_prime_zero == -math.inf and div.f_zero == 1.0
+    x = torch.randn(4, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(f_softargmax(x, div), torch.softmax(x, -1), atol=1e-12, rtol=1e-12)
+    with pytest.raises(ValueError, match="f_zero= and f_prime_zero= explicitly"):
+        FDivergence.from_functions("nan_fp0", lambda u: torch.xlogy(u, u) - u + 1, f_prime, torch.exp, lambda u: 1 / u)
+    FDivergence.from_functions("within_tolerance", lambda u: (u - 1) ** 2 / 2 + 1e-9, lambda u: u - 1, lambda v: v + 1,
+                               lambda u: torch.ones_like(u))  # |f(1)| <= 1e-9 is rounding, accepted
+    with pytest.raises(ValueError, match=r"f\(1\) must be 0 \(got 0.5\)"):
+        FDivergence.from_functions("shifted", lambda u: (u - 1) ** 2 / 2 + 0.5, lambda u: u - 1, lambda v: v + 1,
+                                   lambda u: torch.ones_like(u))
+
+
+def test_custom_generator_with_infinite_f_at_zero_drops_the_constant_like_reverse_kl():
+    """f(u) = -log u + u - 1 from plain functions (f(0) = +inf) gives the built-in reverse-KL loss."""
+    div = FDivergence.from_functions("rkl", lambda u: -torch.log(u) + u - 1, lambda u: 1 - 1 / u, lambda v: 1 / (1 - v),
+                                     lambda u: 1 / u ** 2, f_prime_inf=1.0, f_prime_zero=-math.inf, f_zero=math.inf)
+    x, t = torch.randn(5, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(1)), torch.arange(5)
+    torch.testing.assert_close(fdiv_loss(x, t, div, reduction="none"), fdiv_loss(x, t, "reverse_kl", reduction="none"),
+                               atol=1e-10, rtol=1e-10)
+
+
+def test_divergence_equality_is_type_and_name():
+    class RenamedKL(KL):
+        pass
+
+    assert RenamedKL() != KL() and KL() == KL() and get_divergence("js") != get_divergence("kl")
+
+
+POLE_FORMULAS = {  # (f*)'(v) written out, for v below the pole f'(+inf)
+    "js": lambda v: math.exp(v) / (2 - math.exp(v)),
+    "alpha:0.5": lambda v: (1 - 0.5 * v) ** (1 / -0.5),
+    "alpha:0.25": lambda v: (1 - 0.75 * v) ** (1 / -0.75),
+}
+
+
+@pytest.mark.parametrize("spec", sorted(POLE_FORMULAS))
+def test_arguments_at_or_above_the_pole_are_clipped_just_below_it(spec):
+    """(f*)' has a pole at f'(+inf) for these generators: arguments at or above it are evaluated at
+    pole - 1e-7 max(1, |pole|) (the formula there, written out), finite."""
+    div = get_divergence(spec)
+    pole = div.f_prime_inf
+    v = torch.tensor([pole, pole + 1.0, 50.0], dtype=torch.float64)
+    want = POLE_FORMULAS[spec](pole - 1e-7 * max(1.0, abs(pole)))
+    torch.testing.assert_close(div.conj_grad(v), torch.full((3,), want, dtype=torch.float64), atol=0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("typo, meant", [("alpha1.5", "alpha:1.5"), ("alpha0.5", "alpha:0.5"), ("jss", "js"),
+                                         ("jensen-shannon", "js")])
+def test_unknown_divergence_names_the_closest_spec(typo, meant):
+    with pytest.raises(ValueError, match=f"Did you mean '{meant}'"):
+        get_divergence(typo)
+
+
+@pytest.mark.parametrize("typo", ["zzz", "alpha0"])
+def test_unknown_divergence_without_a_close_spec_suggests_none(typo):
+    with pytest.raises(ValueError, match="unknown divergence") as err:
+        get_divergence(typo)
+    assert "Did you mean" not in str(err.value)
+
+
+@pytest.mark.parametrize("spec", ["js", "kl", "alpha:1.5", "squared_hellinger", "reverse_kl"])
+def test_scalar_reference_equals_the_same_constant_tensor(spec):
+    """q = 0.3 as a number (scalar fast paths) and as a [V] tensor (general path) give the same p and loss."""
+    x = 2 * torch.randn(6, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    t = torch.arange(6)
+    q = torch.full((40,), 0.3, dtype=torch.float64)
+    torch.testing.assert_close(f_softargmax(x, spec, 0.3), f_softargmax(x, spec, q), atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(fdiv_loss(x, t, spec, 0.3, reduction="none"), fdiv_loss(x, t, spec, q, reduction="none"),
+                               atol=1e-10, rtol=1e-9)
+
+
+def test_f_softmax_keeps_the_leading_shape():
+    x = torch.randn(2, 3, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    v = f_softmax(x, "kl")
+    assert v.shape == (2, 3)
+    torch.testing.assert_close(v, torch.logsumexp(x, -1) + 1 - 7, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["chunked", "batched"])
+@pytest.mark.parametrize("with_ignored", [False, True])
+def test_skipped_nonfinite_rows_get_zero_gradient_and_the_others_theirs(monkeypatch, backend, with_ignored):
+    """skip_nonfinite: the NaN row's gradient is exactly 0, every other row's is p - e_c as without it."""
+    monkeypatch.setenv("HF_FDIV_SOLVER", backend)
+    x = 2 * torch.randn(8, 30, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    t = torch.arange(8)
+    if with_ignored:
+        t[1] = -100  # the solved rows are then an index list, not a slice
+    bad = x.clone()
+    bad[5, 3] = math.nan
+    a = bad.clone().requires_grad_()
+    fdiv_loss(a, t, "alpha:1.5", reduction="sum", skip_nonfinite=True).backward()
+    clean = x.clone().requires_grad_()
+    t_clean = t.clone()
+    t_clean[5] = -100
+    fdiv_loss(clean, t_clean, "alpha:1.5", reduction="sum").backward()
+    assert bool((a.grad[5] == 0).all())
+    torch.testing.assert_close(a.grad, clean.grad, atol=1e-12, rtol=0)
+
+
+def test_causal_lm_loss_mean_over_one_target():
+    logits = torch.randn(1, 4, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    labels = torch.tensor([[-100, -100, 3, -100]])  # one target: position 1 predicts token 3
+    got = causal_lm_fdiv_loss(logits, labels, divergence="kl")
+    torch.testing.assert_close(got, torch.nn.functional.cross_entropy(logits[0, 1:2], labels[0, 2:3]), atol=1e-12, rtol=0)
+
+
+def test_fdiv_loss_module_refuses_full_smoothing_and_prints_its_reference():
+    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\), got 1.0"):
+        FDivLoss("kl", label_smoothing=1.0)
+    assert "reference=tensor, reduction='mean'" in repr(FDivLoss("kl", reference=torch.ones(3)))
+    assert "reference='uniform'" in repr(FDivLoss("kl", reference="uniform"))
+
+
+@pytest.mark.parametrize("spec", ["reverse_kl", "kl", "alpha:1.5"])
+def test_soft_targets_with_zeros_equal_the_fp64_primal_oracle(spec):
+    """Soft targets with zero entries: zero classes contribute nothing (no f(0) = +inf term for reverse KL)."""
+    x = 2 * torch.randn(5, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    y = torch.softmax(torch.randn(5, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(7)), -1)
+    y[:, :4] = 0
+    y = y / y.sum(-1, keepdim=True)
+    a = x.clone().requires_grad_()
+    loss = fdiv_loss(a, y, spec, reduction="none")
+    loss.sum().backward()
+    ids = torch.arange(5)
+    # the loss is linear in y for a fixed theta up to D_f(y, q); its gradient is p - y either way
+    p = f_softargmax(x, spec)
+    torch.testing.assert_close(a.grad, p - y, atol=1e-10, rtol=0)
+    assert bool(torch.isfinite(loss).all())
+    # value: l(theta, y) = l(theta, e_c) + <e_c - y, theta> + D_f(y, q) - D_f(e_c, q) (Fenchel-Young); with
+    # generator f: D_f(y, 1) = sum_j f(y_j) over y_j > 0 plus f(0) per zero class (dropped when f(0) = inf)
+    div = get_divergence(spec)
+    f0 = 0.0 if math.isinf(div.f_zero) else div.f_zero
+
+    def D(v):
+        return torch.where(v > 0, div.f(torch.where(v > 0, v, 1.0)) - f0, 0.0).sum(-1)
+
+    e = torch.nn.functional.one_hot(ids, 12).double()
+    want = fdiv_loss(x, ids, spec, reduction="none") + ((e - y) * x).sum(-1) + D(y) - D(e)
+    torch.testing.assert_close(loss.detach(), want, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["nan", "negative", "all_zero"])
+@pytest.mark.parametrize("backend", ["chunked", "batched"])
+def test_computed_reference_rows_are_checked(monkeypatch, backend, kind):
+    """A RowProvider reference with one bad row (NaN, a negative entry, all zeros) is a ValueError; zero
+    entries alone are fine (they exclude the class) and equal the same tensor reference."""
+    monkeypatch.setenv("HF_FDIV_SOLVER", backend)
+    x = torch.randn(6, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    t = torch.full((6,), 9)
+    q = torch.rand(6, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(9)) + 0.1
+    q[:, 0] = 0  # a zero entry: class 0 excluded, fine
+    torch.testing.assert_close(fdiv_loss_rows(x, t, RowProvider(lambda r: q[r]), get_divergence("alpha:1.5"))[0],
+                               fdiv_loss(x, t, "alpha:1.5", q, reduction="none"), atol=1e-10, rtol=1e-10)
+    bad = q.clone()
+    bad[2] = {"nan": bad[2].index_fill(0, torch.tensor([4]), math.nan),
+              "negative": bad[2].index_fill(0, torch.tensor([4]), -0.5),
+              "all_zero": torch.zeros(10, dtype=torch.float64)}[kind]
+    with pytest.raises(ValueError):
+        fdiv_loss_rows(x, t, RowProvider(lambda r: bad[r]), get_divergence("alpha:1.5"))
+
+
+def test_row_alpha_generator_equals_the_fixed_alpha_generators_row_by_row():
+    """The learnable-alpha solver's per-row generator: each row's (f*)'' and Jacobian weight equal those of
+    AlphaDivergence(alpha of that row)."""
+    from hf_fdiv.divergences import AlphaDivergence
+    from hf_fdiv.solver.learnable_alpha import RowAlpha
+
+    alphas = [0.5, 1.25, 1.5, 2.0, 3.0]
+    rows = RowAlpha(torch.tensor(alphas, dtype=torch.float64)[:, None], monotone=False)
+    u = torch.linspace(0.05, 3.0, 25, dtype=torch.float64)
+    q = torch.linspace(0.3, 1.7, 25, dtype=torch.float64)
+    p = torch.where(torch.arange(25) > 0, u * q, 0.0)
+    v = torch.stack([AlphaDivergence(a).f_prime(u) for a in alphas])
+    want_h = torch.stack([AlphaDivergence(a).conj_hess(v[i]) for i, a in enumerate(alphas)])
+    want_s = torch.stack([AlphaDivergence(a).jacobian_weight(p, q) for a in alphas])
+    torch.testing.assert_close(rows.conj_hess(v), want_h, atol=1e-9, rtol=1e-8)
+    torch.testing.assert_close(rows.jacobian_weight(p.expand(5, -1), q), want_s, atol=1e-9, rtol=1e-8)
+
+
+def test_logit_transform_out_of_place_equals_in_place_and_the_formula():
+    from hf_fdiv.fused import LogitTransform
+
+    z = 5 * torch.randn(4, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+    for transform, want in [(LogitTransform(0.5, 4.0), torch.tanh(z * 0.5 / 4.0) * 4.0), (LogitTransform(2.0, None), 2 * z),
+                            (LogitTransform(), z)]:
+        zz = z.clone().requires_grad_()
+        out = transform.transformed(zz)
+        torch.testing.assert_close(out, want, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(transform.apply(z.clone()), want, atol=1e-12, rtol=1e-12)
+        assert torch.equal(zz.detach(), z)  # out of place
+        out.sum().backward()
+        assert zz.grad is not None
+
+
+@pytest.mark.parametrize("attrs, scale", [({"logit_scale": 0.25}, 0.25), ({"logits_scaling": 4.0}, 0.25),
+                                          ({"logit_scale": 0.5, "logits_scaling": 2.0}, 0.25),
+                                          ({"logit_scale": True, "logits_scaling": False}, 1.0),
+                                          ({"logits_scaling": 0}, 1.0)])
+def test_logit_transform_reads_cohere_and_granite_scales(attrs, scale):
+    """Cohere multiplies the logits by ``logit_scale``, Granite divides them by ``logits_scaling``; booleans
+    and a zero scaling are not scales."""
+    from types import SimpleNamespace
+
+    from hf_fdiv.fused import LogitTransform
+
+    t = LogitTransform.from_config(SimpleNamespace(final_logit_softcapping=None, **attrs))
+    assert t.scale == scale and t.softcap is None
+
+
+@pytest.mark.skipif(not _TRITON_ON_CPU, reason="the kernels run on CPU tensors only under TRITON_INTERPRET=1")
+def test_triton_loss_rows_the_kernel_does_not_certify_are_recomputed_exactly(monkeypatch):
+    """With one Newton pass no row is certified: every row's loss and gradient come from the exact PyTorch
+    path and equal the fp64 chunked solve; the loss keeps the logits' dtype (fp32)."""
+    from hf_fdiv.solver import triton_kernels as tk
+
+    g = torch.Generator().manual_seed(11)
+    x, t = 2 * torch.randn(5, 301, generator=g), torch.randint(0, 301, (5,), generator=g)
+    t[2] = -100
+    monkeypatch.setenv("HF_FDIV_SOLVER", "chunked")
+    ref = x.double().requires_grad_()
+    want = fdiv_loss(ref, t, "alpha:1.5", reduction="none")
+    want.sum().backward()
+    monkeypatch.setenv("HF_FDIV_SOLVER", "triton")
+    monkeypatch.setattr(tk, "DEFAULT_N_ITER_ALPHA", 1)
+    a = x.clone().requires_grad_()
+    got = fdiv_loss(a, t, "alpha:1.5", reduction="none")
+    got.sum().backward()
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want.float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a.grad, ref.grad.float(), atol=1e-6, rtol=1e-5)
