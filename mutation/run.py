@@ -12,17 +12,20 @@ Operators: mutmut's own, minus three that would triple the run without testing t
 reported again. Prints the kill rate and every other surviving mutant with its diff; exits 1 below
 ``--min-kill-rate`` (95 %).
 
-    python mutation/run.py [--group numerics|trainers] [--jobs 2] [--min-kill-rate 95]
+    python mutation/run.py [--group numerics|trainers] [--jobs 2] [--min-kill-rate 95] [--ref HEAD]
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -92,19 +95,29 @@ DROPPED_OPERATORS = {
 KILLED = {"killed", "timeout", "caught by type check"}
 
 
-def copy_tree(dest: Path) -> None:
-    """Tracked and untracked-but-not-ignored files of the checkout into ``dest`` (changed files only, so
-    mutmut sees unchanged sources as unchanged)."""
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
-                            capture_output=True).stdout.decode().split("\0")
-    for rel in filter(None, listed):
-        src, dst = ROOT / rel, dest / rel
-        if not src.is_file():
-            continue
-        if dst.is_file() and dst.read_bytes() == src.read_bytes():
-            continue
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, dst)
+def copy_tree(dest: Path, ref: str = "") -> None:
+    """The checkout's files into ``dest``: tracked and untracked-but-not-ignored files of the working tree,
+    or the files of commit ``ref``. Only changed files are written, so mutmut sees unchanged sources as
+    unchanged and keeps their results."""
+    with tempfile.TemporaryDirectory() as tmp:
+        if ref:
+            archive = subprocess.run(["git", "archive", "--format=tar", ref], cwd=ROOT, check=True,
+                                     capture_output=True).stdout
+            tarfile.open(fileobj=io.BytesIO(archive)).extractall(tmp)
+            base = Path(tmp)
+            files = [p.relative_to(base).as_posix() for p in base.rglob("*") if p.is_file()]
+        else:
+            base = ROOT
+            files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
+                                   capture_output=True).stdout.decode().split("\0")
+        for rel in filter(None, files):
+            src, dst = base / rel, dest / rel
+            if not src.is_file():
+                continue
+            if dst.is_file() and dst.read_bytes() == src.read_bytes():
+                continue
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
 
 
 def write_config(dest: Path, modules: list, tests: list, jobs: int) -> None:
@@ -118,15 +131,16 @@ def write_config(dest: Path, modules: list, tests: list, jobs: int) -> None:
     (dest / "setup.cfg").write_text("\n".join(lines) + "\n")
 
 
-def run_group(name: str, jobs: int) -> None:
+def run_group(name: str, jobs: int, ref: str, mutants: list) -> None:
     """In a subprocess per group (mutmut keeps its config and state in module globals)."""
     modules, tests = GROUPS[name]
     dest = WORK_DIR / name
     dest.mkdir(parents=True, exist_ok=True)
-    copy_tree(dest)
+    copy_tree(dest, ref)
     write_config(dest, modules, tests, jobs)
     env = dict(os.environ, PYTHONPATH=str(dest), HF_FDIV_SOLVER="auto", OMP_NUM_THREADS="1")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--mutmut", "run", "--max-children", str(jobs)]
+    cmd += mutants
     subprocess.run(cmd, cwd=dest, env=env, check=True)
 
 
@@ -164,13 +178,30 @@ def results(name: str) -> dict:
     return out
 
 
-def diff_of(group: str, mutant: str) -> str:
-    """The changed lines of a mutant, from ``mutmut show``."""
-    env = dict(os.environ, PYTHONPATH=str(WORK_DIR / group))
-    shown = subprocess.run([sys.executable, "-m", "mutmut", "show", mutant], cwd=WORK_DIR / group, env=env,
+def print_diffs(names: list) -> None:
+    """(In a group's directory) the changed lines of each mutant, as ``mutmut show`` prints them."""
+    from mutmut.mutation.diff_apply import get_diff_for_mutant
+
+    for name in names:
+        print(f"@@ {name}")
+        for line in get_diff_for_mutant(name).splitlines():
+            if line[:1] in "+-" and not line.startswith(("+++", "---")):
+                print(f"        {line}")
+
+
+def show_survivors(group: str, survivors: list) -> None:
+    """Print each (name, status) with its diff (one subprocess per group: mutmut reads the group's files)."""
+    if not survivors:
+        return
+    shown = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--diffs", *(k for k, _ in survivors)],
+                           cwd=WORK_DIR / group, env=dict(os.environ, PYTHONPATH=str(WORK_DIR / group)),
                            capture_output=True, text=True).stdout
-    return "\n".join(f"        {line}" for line in shown.splitlines()
-                     if line[:1] in "+-" and not line.startswith(("+++", "---")))
+    diffs = {}
+    for block in shown.split("@@ ")[1:]:
+        name, _, lines = block.partition("\n")
+        diffs[name] = lines.rstrip()
+    for name, state in survivors:
+        print(f"  {state}: {name}\n{diffs.get(name, '        (no diff: run mutmut show in ' + str(WORK_DIR / group) + ')')}")
 
 
 def report(groups: list, min_kill_rate: float, seconds: float) -> int:
@@ -190,9 +221,11 @@ def report(groups: list, min_kill_rate: float, seconds: float) -> int:
     stale = sorted(set(equivalent) - set(status))
     if stale and len(groups) == len(GROUPS):
         print(f"equivalent.txt names {len(stale)} mutant(s) that no longer exist: {', '.join(stale)}")
-    for k in survivors:
-        g, s = status[k]
-        print(f"  {s}: {k}\n{diff_of(g, k)}")
+    unchecked = [k for k in survivors if status[k][1] == "not checked"]
+    if unchecked:
+        print(f"{len(unchecked)} mutant(s) not checked yet (an interrupted run): run make mutation again.")
+    for g in groups:
+        show_survivors(g, [(k, status[k][1]) for k in survivors if status[k][0] == g and status[k][1] != "not checked"])
     if rate < min_kill_rate:
         print(f"kill rate {rate:.1f} % < {min_kill_rate} %: write the missing tests, or list the mutant in "
               "mutation/equivalent.txt with why no test can kill it.")
@@ -204,18 +237,26 @@ def main() -> int:
     if sys.argv[1:2] == ["--mutmut"]:
         mutmut_main(sys.argv[2:])
         return 0
+    if sys.argv[1:2] == ["--diffs"]:
+        print_diffs(sys.argv[2:])
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--group", choices=sorted(GROUPS), action="append",
                         help="run only this group (repeatable; default: all)")
     parser.add_argument("--jobs", type=int, default=2, help="mutants tested in parallel (default 2)")
     parser.add_argument("--min-kill-rate", type=float, default=95.0)
+    parser.add_argument("mutants", nargs="*", help="rerun only these mutants (names or globs, e.g. after a new test)")
+    parser.add_argument("--ref", default="", help="mutate this commit (e.g. HEAD) instead of the working tree")
     parser.add_argument("--report-only", action="store_true", help="print the last run's results")
     args = parser.parse_args()
     groups = args.group or list(GROUPS)
     start = time.time()
     if not args.report_only:
         for g in groups:
-            run_group(g, args.jobs)
+            prefixes = tuple(module[:-3].replace("/", ".").removesuffix(".__init__") + "." for module in GROUPS[g][0])
+            named = [m for m in args.mutants if m.startswith(prefixes)]
+            if named or not args.mutants:
+                run_group(g, args.jobs, args.ref, named)
     return report(groups, args.min_kill_rate, time.time() - start)
 
 

@@ -428,7 +428,7 @@ def test_computed_reference_rows_are_checked(monkeypatch, backend, kind):
     bad[2] = {"nan": bad[2].index_fill(0, torch.tensor([4]), math.nan),
               "negative": bad[2].index_fill(0, torch.tensor([4]), -0.5),
               "all_zero": torch.zeros(10, dtype=torch.float64)}[kind]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="a computed reference chunk has negative, NaN or inf entries, or an all-zero row"):
         fdiv_loss_rows(x, t, RowProvider(lambda r: bad[r]), get_divergence("alpha:1.5"))
 
 
