@@ -43,7 +43,8 @@ from hf_fdiv import FDivOnPolicyDistillationConfig, FDivOnPolicyDistillationTrai
 #: a short system turn: SmolLM2's template adds a 20-token default system prompt when there is none
 SYSTEM = {"role": "system", "content": "Be brief."}
 METHODS = {  # name -> (trainer, config, loss fields); only these differ between runs
-    "alpha:1.5 (hf_fdiv)": (FDivOnPolicyDistillationTrainer, FDivOnPolicyDistillationConfig, {"divergence": "alpha:1.5"}),
+    "alpha:1.5 (hf_fdiv)": (FDivOnPolicyDistillationTrainer, FDivOnPolicyDistillationConfig,
+                            {"divergence": "alpha:1.5"}),
     "forward KL (TRL beta=0)": (DistillationTrainer, DistillationConfig, {"beta": 0.0}),
     "reverse KL (TRL beta=1)": (DistillationTrainer, DistillationConfig, {"beta": 1.0}),
 }
@@ -173,7 +174,8 @@ def summarise(runs, args, teacher_acc: float, wall: float) -> str:
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
         return f"{mean:.{digits}f} ± {spread:.{digits}f}"
 
-    lines = ["| method | agreement with teacher | token accuracy | support size | s / step |", "|---|---:|---:|---:|---:|"]
+    lines = ["| method | agreement with teacher | token accuracy | support size | s / step |",
+             "|---|---:|---:|---:|---:|"]
     for name in METHODS:
         mine = [r for r in runs if r["method"] == name]
         lines.append(f"| {name} | {cell([r['agreement'] for r in mine], 3)} | "
@@ -181,7 +183,8 @@ def summarise(runs, args, teacher_acc: float, wall: float) -> str:
                      f"{cell([r['seconds_per_step'] for r in mine], 2)} |")
     lines.append(f"| teacher | 1.000 | {teacher_acc:.3f} | | |")
     lines.append(f"\n{args.seeds} seeds (mean ± std), {args.steps} steps x {args.batch_size} prompts, "
-                 f"{args.completion_tokens}-token completions, lr {args.learning_rate}, {len(runs)} runs in {wall:.0f} s.")
+                 f"{args.completion_tokens}-token completions, lr {args.learning_rate}, {len(runs)} runs in "
+                 f"{wall:.0f} s.")
     return "\n".join(lines)
 
 

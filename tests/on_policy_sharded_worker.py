@@ -35,8 +35,9 @@ def main(out: str, engine: str) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     tok = make_tokenizer()
     args = FDivOnPolicyDistillationConfig(
-        **dict(COMMON, output_dir=tempfile.mkdtemp(prefix="on-policy-"), per_device_train_batch_size=GLOBAL_BATCH // world,
-               max_steps=STEPS, learning_rate=LR, optim="sgd", lr_scheduler_type="constant", max_completion_length=8,
+        **dict(COMMON, output_dir=tempfile.mkdtemp(prefix="on-policy-"),
+               per_device_train_batch_size=GLOBAL_BATCH // world, max_steps=STEPS, learning_rate=LR, optim="sgd",
+               lr_scheduler_type="constant", max_completion_length=8,
                activation_checkpointing=False, generation_kwargs={"do_sample": False}, divergence="alpha:1.5",
                use_cpu=engine == "single", shuffle_dataset=False),
     )

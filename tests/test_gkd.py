@@ -22,7 +22,8 @@ GKD_COMMON = dict(SFT_COMMON, per_device_train_batch_size=4, max_steps=3, learni
 def build(cls, config_cls, tok, tmp_path, teacher=None, **cfg):
     kwargs = dict(GKD_COMMON)
     kwargs.update(cfg)
-    return cls(model=make_model(tok), teacher_model=teacher if teacher is not None else make_model(tok, hidden=32, seed=1),
+    teacher = teacher if teacher is not None else make_model(tok, hidden=32, seed=1)
+    return cls(model=make_model(tok), teacher_model=teacher,
                args=config_cls(output_dir=str(tmp_path), **kwargs), train_dataset=messages_dataset(8),
                processing_class=tok)
 

@@ -142,7 +142,9 @@ class FDivOnPolicyDistillationTrainer(FDivTrainerMixin, DistillationTrainer):
         wrapper's forward, as TRL's does). Returns (loss, student entropy sum, rows counted)."""
         input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-        loss_mask = inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
+        loss_mask = inputs["completion_mask"]
+        if "tool_mask" in inputs:  # tool outputs inside a completion are not the student's tokens
+            loss_mask = loss_mask * inputs["tool_mask"]
         completion_len = inputs["completion_ids"].size(1)
         multimodal = {k: inputs[k] for k in _MULTIMODAL_KEYS if k in inputs}
         # [B, K, H]: position k predicts completion token k (TRL's shift)
@@ -194,7 +196,8 @@ class FDivOnPolicyDistillationTrainer(FDivTrainerMixin, DistillationTrainer):
         if pending is None:
             return
         sums, constant = pending
-        total = self.accelerator.gather_for_metrics(sums.to(self.accelerator.device)[None]).reshape(-1, sums.numel()).sum(0)
+        local = sums.to(self.accelerator.device)[None]
+        total = self.accelerator.gather_for_metrics(local).reshape(-1, sums.numel()).sum(0)
         support, _, _, count, nonfinite = total.tolist()
         if count > 0:
             self._metrics[mode]["support_size"].append(support / count)

@@ -162,7 +162,8 @@ class TeacherLossMixin:
         tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
         tok_len = len(tokenizer) if tokenizer is not None and hasattr(tokenizer, "__len__") else None
         student_rows = output_rows(self.accelerator.unwrap_model(self.model))
-        self.num_classes = student_rows if teacher is None else common_vocab(student_rows, output_rows(teacher), tok_len)
+        self.num_classes = (student_rows if teacher is None
+                            else common_vocab(student_rows, output_rows(teacher), tok_len))
         if teacher is not None:
             self._teacher_description = teacher_description(teacher)
 
