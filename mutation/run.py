@@ -215,9 +215,10 @@ def report(groups: list, min_kill_rate: float, seconds: float) -> int:
     killed = sum(s in KILLED for _, s in counted.values())
     survivors = sorted(k for k, (_, s) in counted.items() if s not in KILLED)
     rate = 100.0 * killed / max(1, len(counted))
+    checked = [k for k, (_, s) in counted.items() if s != "not checked"]
     print(f"\nmutation: {total} mutants in {', '.join(groups)}; {len(listed)} listed equivalent "
           f"(mutation/equivalent.txt); {killed} of {len(counted)} others killed = {rate:.1f} % "
-          f"({seconds / 60:.1f} min)")
+          f"({seconds / 60:.1f} min); of the {len(checked)} checked so far, {100.0 * killed / max(1, len(checked)):.1f} %")
     stale = sorted(set(equivalent) - set(status))
     if stale and len(groups) == len(GROUPS):
         print(f"equivalent.txt names {len(stale)} mutant(s) that no longer exist: {', '.join(stale)}")
