@@ -131,7 +131,7 @@ def run_study(args) -> dict:
     teacher_top1 = t_logits[valid].argmax(-1)
     teacher_acc = float((teacher_top1 == batch[2][:, 1:][valid]).float().mean())
     runs = []
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         init = student_like(teacher, args.student_hidden, args.student_layers, seed)
         for name, (trainer_cls, config_cls, loss_fields) in METHODS.items():
             student = student_like(teacher, args.student_hidden, args.student_layers, seed)
@@ -192,6 +192,7 @@ def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tiny", action="store_true", help="tiny in-code models and prompts, 2 steps, 1 seed (CI)")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--first_seed", type=int, default=0, help="seeds first_seed .. first_seed + seeds - 1")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--completion_tokens", type=int, default=8)
