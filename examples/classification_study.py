@@ -2,7 +2,7 @@
 prior as reference measure does on imbalanced labels.
 
     pip install --no-deps -r requirements-study.txt    # scikit-learn's wheel, for its bundled digits
-    python examples/classification_study.py                 # 3 seeds, both datasets (minutes on 2 CPU cores)
+    python examples/classification_study.py                 # 3 seeds, both datasets (48 runs of 150 steps)
     python examples/classification_study.py --tiny          # seconds; what CI runs
 
 Data that ships inside packages, nothing downloaded:
