@@ -501,3 +501,32 @@ def test_triton_loss_rows_the_kernel_does_not_certify_are_recomputed_exactly(mon
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want.float(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(a.grad, ref.grad.float(), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("backend", ["chunked", "batched"])
+def test_row_stats_equal_the_solution_and_mark_skipped_and_ignored_rows(monkeypatch, backend, fused):
+    """return_stats: support = #{p > 0}, entropy = -sum p log p and pred = argmax of the logits, against
+    f_softargmax of the same logits; a skipped (NaN) row has 0, 0, -1, not solved; an ignored row is
+    not solved."""
+    monkeypatch.setenv("HF_FDIV_SOLVER", backend)
+    g = torch.Generator().manual_seed(12)
+    h, W = torch.randn(8, 6, generator=g, dtype=torch.float64), torch.randn(40, 6, generator=g, dtype=torch.float64)
+    t = torch.arange(8)
+    t[2] = -100
+    if fused:
+        h[5, 0] = math.nan
+        _, stats = fused_linear_fdiv_loss(h, W, t, "alpha:1.5", skip_nonfinite=True, return_stats=True)
+    else:
+        x = 3 * h @ W.T
+        x[5, 0] = math.nan
+        _, stats = fdiv_loss(x, t, "alpha:1.5", skip_nonfinite=True, return_stats=True)
+    z = (h @ W.T if fused else 3 * h @ W.T)
+    keep = torch.tensor([0, 1, 3, 4, 6, 7])
+    p = f_softargmax(z[keep], "alpha:1.5")
+    torch.testing.assert_close(stats.support[keep], (p > 0).sum(1).to(stats.support.dtype), atol=0, rtol=0)
+    torch.testing.assert_close(stats.entropy[keep], -torch.xlogy(p, p).sum(1).to(stats.entropy.dtype), atol=1e-6, rtol=1e-6)
+    assert torch.equal(stats.pred[keep], z[keep].argmax(1))
+    assert float(stats.support[5]) == 0 and float(stats.entropy[5]) == 0 and int(stats.pred[5]) == -1
+    assert stats.solved.tolist() == [True, True, False, True, True, False, True, True]
+    assert stats.skipped.tolist() == [False] * 5 + [True, False, False]
