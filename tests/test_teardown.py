@@ -63,7 +63,7 @@ def test_the_readme_recipe_is_what_the_soak_launches():
     from launch import ROOT
 
     readme = open(os.path.join(ROOT, "README.md")).read()
-    recipe = re.search(r"Ending your own script.*?```python\n(.*?)```\s*```bash\n(.*?)```", readme, flags=re.S)
+    recipe = re.search(r"Ending your own script.*?```py\n(.*?)```\s*```bash\n(.*?)```", readme, flags=re.S)
     script, command = recipe.group(1).strip().splitlines(), recipe.group(2)
     assert script[-1].split("#")[0].strip() == "finish_distributed(trainer)"
     worker = ast.parse(open(os.path.join(ROOT, "tests", "dist_worker.py")).read())
