@@ -57,7 +57,7 @@ dist: $(TEST_STAMP)
 # The DeepSpeed tests (marker `distributed`) are left to `make test-distributed`.
 test: dist
 	$(TEST_PY) -m pip install --quiet --no-deps --force-reinstall $(DIST)/*.whl
-	$(TEST_VENV)/bin/pytest -q -m "not distributed" tests
+	$(TEST_VENV)/bin/pytest -q -m "not distributed" --durations=20 tests
 	$(MAKE) --no-print-directory test-lowest
 
 $(LOWEST_STAMP): requirements-lowest.txt
