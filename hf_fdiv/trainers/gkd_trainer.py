@@ -21,7 +21,7 @@ from trl.experimental.gkd import GKDConfig, GKDTrainer
 from . import checks
 from .mixin import FDivTrainerMixin
 from .sft_trainer import FDivSFTConfig, card_fields, record_base_model
-from .teacher_loss import TeacherLossMixin, TeacherModeArguments, reject_trl_beta
+from .teacher_loss import TeacherLossMixin, TeacherModeArguments, reject_trl_beta, resolve_teacher
 
 __all__ = ["FDivGKDConfig", "FDivGKDTrainer"]
 
@@ -56,13 +56,7 @@ class FDivGKDTrainer(TeacherLossMixin, FDivTrainerMixin, GKDTrainer):
                  **kwargs):
         if not isinstance(args, FDivGKDConfig):
             raise ValueError(f"{type(self).__name__} needs args=FDivGKDConfig(...), got {type(args).__name__}.")
-        if teacher_model is None:
-            teacher_model = args.teacher_model_name_or_path
-        if teacher_model is None:
-            raise ValueError(f"{type(self).__name__} needs a teacher: pass teacher_model= or set "
-                             "teacher_model_name_or_path.")
-        if model is not None and not isinstance(model, str):
-            checks.check_causal_lm(model, type(self).__name__)
+        teacher_model = resolve_teacher(type(self).__name__, model, teacher_model, args)
         super().__init__(model, teacher_model, args, *pos, **kwargs)
         self._fdiv_setup_teacher_classes(self.accelerator.unwrap_model(self.teacher_model))
         record_base_model(self)

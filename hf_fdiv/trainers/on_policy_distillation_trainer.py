@@ -34,6 +34,7 @@ from .teacher import TeacherLogProbs, common_vocab
 from .teacher_loss import (
     TeacherModeArguments,
     reject_trl_beta,
+    resolve_teacher,
     teacher_card_fields,
     teacher_description,
     teacher_loss_inputs,
@@ -108,13 +109,7 @@ class FDivOnPolicyDistillationTrainer(FDivTrainerMixin, DistillationTrainer):
         if not isinstance(args, FDivOnPolicyDistillationConfig):
             raise ValueError(f"{type(self).__name__} needs args=FDivOnPolicyDistillationConfig(...), got "
                              f"{type(args).__name__}: its beta and loss fields are what this trainer reads.")
-        if teacher_model is None:
-            teacher_model = args.teacher_model_name_or_path
-        if teacher_model is None:
-            raise ValueError(f"{type(self).__name__} needs a teacher: pass teacher_model= or set "
-                             "teacher_model_name_or_path.")
-        if model is not None and not isinstance(model, str):
-            checks.check_causal_lm(model, type(self).__name__)
+        teacher_model = resolve_teacher(type(self).__name__, model, teacher_model, args)
         check_prompt_columns(train_dataset, "train_dataset")
         check_prompt_columns(eval_dataset, "eval_dataset")
         super().__init__(model, teacher_model, args, train_dataset, eval_dataset, *pos, **kwargs)

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from ..losses import IGNORE_INDEX, check_target_ids
 from ..solver import RowProvider
+from . import checks
 from .loss_path import LossInputs, output_rows
 from .reference_constant import ReferenceConstant
 from .teacher import TeacherLogProbs, common_vocab
@@ -93,6 +94,19 @@ def reject_trl_beta(config) -> None:
             f"divergence={config.divergence!r}: set beta=0 (--beta 0) and choose the loss with --divergence (kl is "
             "TRL's beta=0); for TRL's reverse KL or JSD mix use the stock TRL trainer."
         )
+
+
+def resolve_teacher(trainer_name: str, model, teacher_model, args):
+    """The teacher a TRL distillation trainer gets: ``teacher_model`` or the config's
+    ``teacher_model_name_or_path``, refused when neither is set; a student given as a model must be a causal LM.
+    Runs before TRL's constructor, so that a wrong input stops before any model is loaded or generation starts."""
+    if teacher_model is None:
+        teacher_model = args.teacher_model_name_or_path
+    if teacher_model is None:
+        raise ValueError(f"{trainer_name} needs a teacher: pass teacher_model= or set teacher_model_name_or_path.")
+    if model is not None and not isinstance(model, str):
+        checks.check_causal_lm(model, trainer_name)
+    return teacher_model
 
 
 def teacher_loss_inputs(targets: Tensor, teacher, args, divergence, reference, num_classes: int):
