@@ -11,7 +11,7 @@ from hf_fdiv import FDivDistillationConfig, FDivDistillationTrainer, FDivSFTConf
 from hf_fdiv.fused import LogitTransform, fused_linear_fdiv_loss
 from hf_fdiv.solver import RowProvider
 
-from tiny import SFT_COMMON, make_model, messages_dataset, text_dataset
+from tiny import SFT_COMMON, loss_and_grads, make_model, messages_dataset, text_dataset
 
 
 def materialised(h, W, b, t, name, transform, reference="unit"):
@@ -79,16 +79,6 @@ def test_fused_fp32_and_references():
 
 
 # --------------------------------------------------------------------------------- trainers
-
-
-def loss_and_grads(trainer, batch):
-    model = trainer.model
-    model.zero_grad()
-    loss = trainer.compute_loss(model, dict(batch))
-    loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
-    return float(loss.detach()), grads
 
 
 def compare_paths(make_trainer):

@@ -13,7 +13,7 @@ from trl.experimental.gkd import GKDConfig, GKDTrainer
 
 from hf_fdiv import FDivGKDConfig, FDivGKDTrainer
 
-from tiny import SFT_COMMON, make_model, messages_dataset
+from tiny import SFT_COMMON, loss_and_grads, make_model, max_diff, messages_dataset, params
 
 GKD_COMMON = dict(SFT_COMMON, per_device_train_batch_size=4, max_steps=3, learning_rate=0.5, optim="sgd",
                   lr_scheduler_type="constant", max_new_tokens=8)
@@ -28,25 +28,6 @@ def build(cls, config_cls, tok, tmp_path, teacher=None, **cfg):
                processing_class=tok)
 
 
-def loss_and_grads(trainer, batch, num_items):
-    trainer.model.train()
-    trainer.model.zero_grad()
-    loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=num_items)
-    loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
-    trainer.model.zero_grad()
-    return float(loss.detach()), grads
-
-
-def params(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
-
-
 def test_kl_target_is_stock_gkd_beta0_on_data_and_on_student_completions(tok, tmp_path):
     mine = build(FDivGKDTrainer, FDivGKDConfig, tok, tmp_path / "fdiv", divergence="kl", lmbda=0.0)
     theirs = build(GKDTrainer, GKDConfig, tok, tmp_path / "stock", beta=0.0, lmbda=0.0)
@@ -56,8 +37,10 @@ def test_kl_target_is_stock_gkd_beta0_on_data_and_on_student_completions(tok, tm
     on_policy = dict(batch, input_ids=ids, attention_mask=mask, labels=labels)
     for inputs in (batch, on_policy):
         count = (inputs["labels"][:, 1:] != -100).sum()
-        loss_t, grads_t = loss_and_grads(theirs, inputs, count)
-        loss_m, grads_m = loss_and_grads(mine, inputs, count)
+        theirs.model.train()
+        loss_t, grads_t = loss_and_grads(theirs, inputs, num_items_in_batch=count)
+        mine.model.train()
+        loss_m, grads_m = loss_and_grads(mine, inputs, num_items_in_batch=count)
         assert loss_t > 1e-3
         assert abs(loss_m - loss_t) <= 1e-6 * max(1.0, loss_t)
         assert max_diff(grads_m, grads_t) <= 1e-6

@@ -16,7 +16,7 @@ from trl import DistillationConfig, DistillationTrainer
 
 from hf_fdiv import FDivOnPolicyDistillationConfig, FDivOnPolicyDistillationTrainer
 
-from tiny import COMMON, SENTENCES, make_model
+from tiny import COMMON, SENTENCES, loss_and_grads, make_model, max_diff, params
 
 PROMPTS = Dataset.from_dict({"prompt": [s[:9] for s in SENTENCES[:8]]})
 ON_POLICY = dict(COMMON, per_device_train_batch_size=4, max_steps=3, learning_rate=0.5, optim="sgd",
@@ -46,24 +46,6 @@ def generated_batch(trainer):
     prompts = [{"prompt": p} for p in PROMPTS["prompt"][:4]]
     trainer.model.train()
     return trainer._generate_and_score_completions(prompts)
-
-
-def loss_and_grads(trainer, batch):
-    trainer.model.zero_grad()
-    loss = trainer.compute_loss(trainer.model, dict(batch))
-    loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
-    trainer.model.zero_grad()
-    return float(loss.detach()), grads
-
-
-def params(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
 # --------------------------------------------------------------------------------- the stock oracle

@@ -30,7 +30,7 @@ from hf_fdiv import (
 )
 from hf_fdiv.trainers.checks import ConfigurationError
 
-from tiny import COMMON, first_batch_step
+from tiny import COMMON, first_batch_step, max_diff, params
 from tiny_tasks import KINDS, SEQ2SEQ, make_dataset, make_model
 
 #: classes of each kind's head (the support of softmax)
@@ -56,15 +56,6 @@ def trainer_for(kind, out, fdiv=True, model=None, dataset=None, seq2seq=None, **
                   train_dataset=make_dataset(kind) if dataset is None else dataset,
                   data_collator=default_data_collator, **extra)
     return model, trainer
-
-
-def max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
-
-
-def params(model) -> dict:
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 def oracle_accuracy(kind, model, batch) -> float:

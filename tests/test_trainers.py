@@ -22,11 +22,7 @@ from hf_fdiv import (
 )
 
 from tiny import COMMON, SFT_COMMON, make_model, messages_dataset, prompt_completion_dataset
-from tiny import text_dataset, tokenized_lm_dataset
-
-
-def params(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+from tiny import params, text_dataset, tokenized_lm_dataset
 
 
 def assert_params_close(a, b, atol):

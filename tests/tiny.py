@@ -258,6 +258,32 @@ def make_gemma3(seed=0):
     return Gemma3ForConditionalGeneration(config), processor
 
 
+def params(model) -> dict:
+    """A detached copy of every named parameter."""
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def grads(model) -> dict:
+    """A detached copy of every parameter's gradient (parameters without one are left out)."""
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def max_diff(a: dict, b: dict) -> float:
+    """The largest absolute difference between two dicts of tensors with the same keys."""
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def loss_and_grads(trainer, batch, **compute_loss_kwargs):
+    """(the trainer's loss on ``batch``, its gradients), with the model's gradients zeroed before and after."""
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, dict(batch), **compute_loss_kwargs)
+    loss.backward()
+    gradients = grads(trainer.model)
+    trainer.model.zero_grad()
+    return float(loss.detach()), gradients
+
+
 def first_batch_step(model, trainer, check_batch=None):
     """(loss of the first training batch, its gradients), then the parameters after one step of
     ``trainer.train()``: what the stock-oracle tests compare. ``check_batch(batch)`` may assert on it."""
@@ -266,7 +292,7 @@ def first_batch_step(model, trainer, check_batch=None):
         check_batch(batch)
     loss = trainer.compute_loss(model, dict(batch))
     loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    gradients = grads(model)
     model.zero_grad()
     trainer.train()
-    return float(loss.detach()), grads, {n: p.detach().clone() for n, p in model.named_parameters()}
+    return float(loss.detach()), gradients, params(model)
