@@ -1,0 +1,165 @@
+"""benchmarks/gpu_cost.py (issue 23's cost meter) against independent truths: ops whose launches, traffic,
+synchronisations and memory are known by hand, a Triton kernel of known traffic, and the chunk
+extrapolation against a direct measurement."""
+
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_cost.py")
+N, V = 16, 256
+UNIT = N * V * 4  # one [N, V] fp32 buffer
+
+
+def _load():
+    if "gpu_cost" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("gpu_cost", SCRIPT)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["gpu_cost"] = mod  # its dataclasses look the module up
+        spec.loader.exec_module(mod)
+    return sys.modules["gpu_cost"]
+
+
+def _meter(fn):
+    gc = _load()
+    with gc.CostMeter() as m:
+        keep = fn()
+    return m, keep
+
+
+def test_one_elementwise_op_is_one_launch_one_write_one_read():
+    x = torch.randn(N, V)
+    m, _ = _meter(lambda: torch.exp(x))
+    assert (m.launches, m.bytes_written, m.bytes_read, m.syncs) == (1, UNIT, UNIT, 0)
+    assert m.peak_bytes == UNIT and dict(m.op_launches) == {"aten.exp": 1}
+
+
+def test_reduction_reads_everything_writes_a_scalar():
+    x = torch.randn(N, V)
+    m, _ = _meter(lambda: x.sum())
+    assert (m.launches, m.bytes_written, m.bytes_read, m.syncs) == (1, 4, UNIT, 0)
+
+
+def test_host_reads_are_synchronisations():
+    x = torch.randn(N, V)
+    m, _ = _meter(lambda: x.sum().item())
+    assert (m.launches, m.syncs) == (1, 1)  # the sum; .item() waits but launches no kernel
+    m, _ = _meter(lambda: bool(x[0, 0] > 0))
+    assert m.syncs == 1
+    m, _ = _meter(lambda: (x > 0).nonzero())
+    assert m.syncs == 1  # output shape depends on the data
+    m, _ = _meter(lambda: torch.where(x > 0, x, 0.0))
+    assert m.syncs == 0
+
+
+def test_in_place_and_out_writes_are_counted():
+    x = torch.randn(N, V)
+    m, _ = _meter(lambda: (x * 2).exp_())
+    assert (m.launches, m.bytes_written, m.bytes_read) == (2, 2 * UNIT, 2 * UNIT)
+    y = torch.randn(N, V)
+    m, _ = _meter(lambda: torch.mul(y, 3.0, out=y))  # out= aliasing self: read once, written once
+    assert (m.launches, m.bytes_written, m.bytes_read) == (1, UNIT, UNIT)
+    m, _ = _meter(lambda: y.copy_(x))  # an overwrite does not read its destination
+    assert (m.bytes_written, m.bytes_read) == (UNIT, UNIT)
+
+
+def test_views_and_allocations_launch_nothing():
+    x = torch.randn(N, V)
+    m, _ = _meter(lambda: (x.view(V, N), x.t(), x[1:], x[:, None].expand(N, 3, V), torch.empty_like(x)))
+    assert (m.launches, m.bytes_written, m.bytes_read) == (0, 0, 0)
+    assert m.peak_bytes == UNIT  # the allocation still holds memory
+
+
+def test_broadcast_and_gather_traffic():
+    x, row = torch.randn(N, V), torch.randn(N, 1)
+    m, _ = _meter(lambda: x * row.expand(N, V))  # the broadcast row is read once per element of the column
+    assert m.bytes_read == UNIT + N * 4
+    idx = torch.tensor([0, 3])
+    m, _ = _meter(lambda: x.index_select(0, idx))  # reads two rows, not the whole matrix
+    assert m.bytes_read == 2 * V * 4 + idx.numel() * 8 and m.bytes_written == 2 * V * 4
+    cols = torch.randint(0, V, (N, 1))
+    m, _ = _meter(lambda: torch.zeros(N, V).scatter_(1, cols, 1.0))
+    assert m.bytes_written == UNIT + N * 4  # the fill, then one element per row
+    assert m.bytes_read == N * 8  # the index only: a scatter does not read its destination
+
+
+def test_peak_follows_storage_lifetimes():
+    x = torch.randn(N, V)
+
+    def chain():
+        y = torch.exp(x)
+        z = torch.exp(y)
+        del y  # freed before w exists
+        return torch.exp(z)
+
+    m, keep = _meter(chain)
+    assert m.peak_bytes == 2 * UNIT and m.live_bytes == UNIT
+    del keep
+    assert m.live_bytes == 0
+
+
+@pytest.mark.parametrize("case_name", ["fdiv_loss alpha:1.5", "fused kl"])
+def test_extrapolation_over_chunks_equals_a_direct_measurement(monkeypatch, case_name):
+    """Three measurements of 1 and 2 one-row chunks predict 7 rows in chunks of 3 (3 + 3 + 1) exactly."""
+    gc = _load()
+    import hf_fdiv.fused
+    import hf_fdiv.solver.batched
+
+    V_, H, step, rows = 200, 16, 3, 7
+    monkeypatch.setattr(hf_fdiv.solver.batched, "BATCHED_CHUNK_ELEMENTS", step * V_)
+    monkeypatch.setattr(hf_fdiv.fused, "FUSED_DEVICE_CHUNK_ELEMENTS", step * V_)
+    case = next(c for c in gc.cases(triton=False) if c.name == case_name)
+    pred = gc.extrapolate(case, rows, V_, torch.float32, 1, H)
+    assert pred["step"] == step and pred["chunks"] == 3
+    direct = gc.measure(case, rows, step, V_, torch.float32, H)
+    for k in ("launches", "bytes_written", "bytes_read", "syncs"):
+        assert pred[k] == direct[k], (k, pred[k], direct[k])
+    # the peak is a max over time, linear in rows and step only up to [rows]-sized bookkeeping
+    assert abs(pred["peak_bytes"] - direct["peak_bytes"]) <= 1e-3 * direct["peak_bytes"]
+    assert pred["launches_per_chunk"] > 0 and pred["model_ok"]  # the chunk loop does repeat work
+
+
+def test_triton_counter_sees_a_copy_kernel():
+    triton = pytest.importorskip("triton")
+    gc = _load()
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1 (tests/conftest.py sets it on CPU machines)")
+    import triton.language as tl
+
+    @triton.jit
+    def copy_rows(X, Y, V: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            tl.store(Y + row * V + cols, tl.load(X + row * V + cols, mask=cols < V), mask=cols < V)
+
+    x = torch.randn(3, 100)
+    y = torch.empty_like(x)
+    with gc.TritonCounter() as tc, gc.CostMeter() as m:
+        copy_rows[(3,)](x, y, 100, BLOCK=32)  # 4 tiles per row, the last one partial
+    assert torch.equal(x, y)
+    assert (tc.launches, tc.block_loaded, tc.block_stored) == (1, 300, 300)
+    assert (tc.bytes_loaded, tc.bytes_stored) == (1200, 1200)
+    assert m.launches == 0  # the interpreter's own host copies are not counted as device work
+
+
+def test_main_prints_the_table(capsys, tmp_path):
+    gc = _load()
+    out = tmp_path / "cost.json"
+    gc.main(["--shape", "12x300", "--rows", "2", "--hidden", "16", "--triton-shape", "2x300", "--top", "3",
+             "--only", "alpha:1.5", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert "| case | launches/call |" in text and "ESTIMATE" in text and "Top 3 ops" in text
+    for name in ("F.cross_entropy", "torch.softmax", "fdiv_loss alpha:1.5", "f_softargmax alpha:1.5",
+                 "fused alpha:1.5", "materialised F.cross_entropy"):
+        assert f"| {name} |" in text
+    assert "pass" in text or "FAIL" in text
+    data = json.loads(out.read_text())
+    rows = {r["case"]: r for r in data["shapes"][0]["results"]}
+    assert rows["F.cross_entropy"]["launches"] > 0 and rows["fdiv_loss alpha:1.5"]["bytes_read"] > 0
+    assert "fdiv_loss js" not in rows  # --only keeps the matching cases and the baselines
