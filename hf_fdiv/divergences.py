@@ -51,6 +51,15 @@ _LOG2 = math.log(2.0)
 _F_PRIME_SCALARS: dict = {}
 
 
+def scratch_buffer(scratch: Optional[list], i: int, like: Tensor) -> Tensor:
+    """Buffer ``i`` of ``scratch`` (allocated like ``like`` on first use); a fresh one when None."""
+    if scratch is None:
+        return torch.empty_like(like)
+    while len(scratch) <= i:
+        scratch.append(torch.empty_like(like))
+    return scratch[i]
+
+
 def _below_pole(v: Tensor, pole: float) -> Tensor:
     """Keep v strictly below a pole of (f*)' (rounding can land on it; the math never does)."""
     return torch.clamp(v, max=pole - 1e-7 * max(1.0, abs(pole)))
@@ -76,7 +85,8 @@ class FDivergence:
     f_prime_zero: float = -math.inf
     f_prime_inf: float = math.inf
     f_zero: float = 1.0
-    #: True when ``bregman_to_zero(0)`` evaluates to exactly 0 (lets the loss skip a mask pass).
+    #: True when ``bregman_to_zero(0)`` evaluates to the value of a class with p_j = 0 (0, or -inf when
+    #: f(0) = +inf): the loss then sums it over every class with no mask pass.
     bregman_zero_safe: bool = False
 
     # ---- the generator ---------------------------------------------------------------------
@@ -101,7 +111,9 @@ class FDivergence:
     # ---- hot loop of the root search -------------------------------------------------------
     # The solver evaluates (f*)' and (f*)'' at v = z - tau for many tau and a fixed row z. A generator
     # can precompute a per-element quantity P(z) once so that each evaluation is cheaper (JS: one
-    # multiply instead of an exp). Defaults: P = z.
+    # multiply instead of an exp). Defaults: P = z. ``scratch`` (a list, or None) holds [n, m] buffers
+    # shaped like P that the solver keeps for one root search (:func:`scratch_buffer`): a pass that
+    # writes into them allocates nothing, which on a CPU spares a page-faulting allocation per pass.
     def newton_prepare(self, z: Tensor) -> Tensor:
         return z
 
@@ -109,11 +121,14 @@ class FDivergence:
         """((f*)'(z - tau), (f*)''(z - tau)) from ``newton_prepare(z)``; tau is [n, 1]."""
         return self.conj_grad_and_hess(prepared - tau)
 
-    def newton_eval_grad(self, prepared: Tensor, tau: Tensor) -> Tensor:
+    def newton_eval_grad(self, prepared: Tensor, tau: Tensor, scratch: Optional[list] = None) -> Tensor:
         return self.conj_grad(prepared - tau)
 
-    def newton_sums(self, prepared: Tensor, tau: Tensor, q) -> tuple[Tensor, Tensor, Tensor]:
-        """(S, S', g): S = sum_j q_j (f*)'(z_j - tau), S' = sum_j q_j (f*)''(z_j - tau), g = (f*)'(z - tau)."""
+    def newton_sums(
+        self, prepared: Tensor, tau: Tensor, q, scratch: Optional[list] = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(S, S', g): S = sum_j q_j (f*)'(z_j - tau), S' = sum_j q_j (f*)''(z_j - tau), g = (f*)'(z - tau).
+        g may live in ``scratch`` (valid until the next pass)."""
         g, h = self.newton_eval(prepared, tau)
         if isinstance(q, Tensor):
             q = q.expand_as(g)
@@ -255,6 +270,68 @@ class _FunctionDivergence(FDivergence):
         return id(self)
 
 
+class _PowerTail:
+    """Newton passes for generators with (f*)'(v) = d^(-k), d = 1 - B v (reverse KL: B = k = 1; squared
+    Hellinger: B = 1, k = 2; alpha < 1: B = 1 - alpha, k = 1 / (1 - alpha)), so (f*)''(v) = k B g / d.
+
+    With P = 1 - B z prepared once per row, each pass at tau is d = P + B tau, one reciprocal and (for
+    k != 1) one product or power: no per-element pow of a fractional exponent for k in {1, 2}. d is kept
+    at or above the distance from the pole that :meth:`FDivergence.clip_to_domain` keeps."""
+
+    _tail_scale: float  # B
+    _tail_power: float  # k
+
+    def _reciprocal_distance(self, prepared: Tensor, tau: Tensor, scratch: Optional[list]) -> Tensor:
+        B = self._tail_scale
+        d = torch.add(prepared, tau * B, out=scratch_buffer(scratch, 0, prepared))
+        return d.clamp_(min=B * 1e-7 * max(1.0, 1.0 / B)).reciprocal_()
+
+    def _tail(self, r: Tensor, scratch: Optional[list]) -> Tensor:
+        k = self._tail_power
+        if k == 1.0:
+            return r
+        out = scratch_buffer(scratch, 1, r)
+        if k == 2.0:
+            return torch.mul(r, r, out=out)
+        return torch.pow(r, k, out=out)
+
+    # a generator whose _tail_power is 0 (alpha > 1) keeps the generic passes
+    def newton_prepare(self, z: Tensor) -> Tensor:
+        if not self._tail_power:
+            return super().newton_prepare(z)
+        return 1.0 - self._tail_scale * z
+
+    def newton_eval_grad(self, prepared: Tensor, tau: Tensor, scratch: Optional[list] = None) -> Tensor:
+        if not self._tail_power:
+            return super().newton_eval_grad(prepared, tau, scratch)
+        return self._tail(self._reciprocal_distance(prepared, tau, scratch), scratch)
+
+    def newton_eval(self, prepared: Tensor, tau: Tensor) -> tuple[Tensor, Tensor]:
+        if not self._tail_power:
+            return super().newton_eval(prepared, tau)
+        r = self._reciprocal_distance(prepared, tau, None)
+        g = self._tail(r, None)
+        return g, (self._tail_power * self._tail_scale) * g * r
+
+    def newton_sums(
+        self, prepared: Tensor, tau: Tensor, q, scratch: Optional[list] = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        if not self._tail_power:
+            return super().newton_sums(prepared, tau, q, scratch)
+        r = self._reciprocal_distance(prepared, tau, scratch)
+        g = self._tail(r, scratch)
+        kB = self._tail_power * self._tail_scale
+        # S' = k B sum_j q_j g_j r_j, formed in place over q g (a third buffer) or r (unless r is g)
+        if isinstance(q, Tensor):
+            gq = torch.mul(g, q, out=scratch_buffer(scratch, 2, g))
+            S = gq.sum(1)
+            return S, gq.mul_(r).sum(1) * kB, g
+        if g is r:  # k = 1: S' = k B |r|^2, a reduction with no product materialised
+            return g.sum(1) * q, torch.linalg.vector_norm(r, dim=1).square_() * (kB * q), g
+        S = g.sum(1)
+        return S * q, r.mul_(g).sum(1) * (kB * q), g
+
+
 # ---------------------------------------------------------------------------------------------
 # Built-in generators (docs/math.md, "Built-in generators"). All normalised: f(1) = f'(1) = 0.
 # ---------------------------------------------------------------------------------------------
@@ -295,13 +372,16 @@ class KL(FDivergence):
         return u
 
 
-class ReverseKL(FDivergence):
+class ReverseKL(_PowerTail, FDivergence):
     """Reverse KL: f(u) = -log u + u - 1. p_j = q_j / (1 + tau - theta_j) (polynomial tails)."""
 
     name = "reverse_kl"
     f_prime_zero = -math.inf
     f_prime_inf = 1.0
     f_zero = math.inf
+    bregman_zero_safe = True  # log(0) = -inf, the value of an empty class when f(0) = +inf
+    _tail_scale = 1.0
+    _tail_power = 1.0
 
     def f(self, u):
         return -torch.log(u) + u - 1
@@ -365,7 +445,7 @@ class ChiSquare(FDivergence):
         return u * u
 
 
-class SquaredHellinger(FDivergence):
+class SquaredHellinger(_PowerTail, FDivergence):
     """Squared Hellinger: f(u) = (sqrt(u) - 1)^2. (f*)'(v) = (1 - v)^(-2), v < 1."""
 
     name = "squared_hellinger"
@@ -373,6 +453,8 @@ class SquaredHellinger(FDivergence):
     f_prime_inf = 1.0
     f_zero = 1.0
     bregman_zero_safe = True
+    _tail_scale = 1.0
+    _tail_power = 2.0
 
     def f(self, u):
         return (torch.sqrt(u) - 1) ** 2
@@ -396,7 +478,8 @@ class SquaredHellinger(FDivergence):
         return v / (1 - v)
 
     def jacobian_weight(self, p, q):
-        return 2 * q * (p / q) ** 1.5
+        u = p if isinstance(q, (int, float)) and q == 1.0 else p / q
+        return 2 * p * torch.sqrt(u)  # 2 q u^1.5 without a fractional pow
 
     def bregman_to_zero(self, u):
         return torch.sqrt(u)
@@ -440,25 +523,26 @@ class JensenShannon(FDivergence):
     def newton_prepare(self, z):
         return torch.exp(-z)
 
-    def _d(self, prepared, tau):
-        d = torch.addcmul(prepared.new_full((1, 1), -1.0), prepared, 2 * torch.exp(tau))
+    def _d(self, prepared, tau, scratch=None):
+        out = scratch_buffer(scratch, 0, prepared)
+        d = torch.addcmul(prepared.new_full((1, 1), -1.0), prepared, 2 * torch.exp(tau), out=out)
         return d.clamp_(min=1e-30)  # d > 0 <=> below the pole v < log 2
 
     def newton_eval(self, prepared, tau):
         g = self._d(prepared, tau).reciprocal_()
         return g, g * (1 + g)
 
-    def newton_sums(self, prepared, tau, q):
-        g = self._d(prepared, tau).reciprocal_()
+    def newton_sums(self, prepared, tau, q, scratch=None):
+        g = self._d(prepared, tau, scratch).reciprocal_()
         if isinstance(q, Tensor):
-            gq = g * q
+            gq = torch.mul(g, q, out=scratch_buffer(scratch, 1, g))
             S = gq.sum(1)
-            return S, S + torch.linalg.vecdot(gq, g), g
+            return S, S + gq.mul_(g).sum(1), g
         S = g.sum(1)
-        return S * q, (S + torch.linalg.vecdot(g, g)) * q, g
+        return S * q, (S + torch.linalg.vector_norm(g, dim=1).square_()) * q, g
 
-    def newton_eval_grad(self, prepared, tau):
-        return self._d(prepared, tau).reciprocal_()
+    def newton_eval_grad(self, prepared, tau, scratch=None):
+        return self._d(prepared, tau, scratch).reciprocal_()
 
     def jacobian_weight(self, p, q):
         return p * (p + q) / q
@@ -467,7 +551,7 @@ class JensenShannon(FDivergence):
         return torch.log1p(u)
 
 
-class AlphaDivergence(FDivergence):
+class AlphaDivergence(_PowerTail, FDivergence):
     """alpha-divergence, alpha > 0, alpha != 1: f(u) = (u^a - 1 - a (u - 1)) / (a (a - 1)).
 
     (f*)'(v) = (1 + (a - 1) v)_+^(1 / (a - 1)). alpha > 1 is sparse (f'(0) = -1/(alpha - 1)); with
@@ -494,6 +578,10 @@ class AlphaDivergence(FDivergence):
         self.f_prime_inf = math.inf if alpha > 1 else 1.0 / (1.0 - alpha)
         self.f_zero = 1.0 / alpha
         self.bregman_zero_safe = True
+        # alpha < 1: (f*)'(v) = (1 - (1 - alpha) v)^(-1 / (1 - alpha)), a power tail (alpha > 1 keeps the
+        # generic passes: its (f*)' is clipped at zero, not a reciprocal)
+        self._tail_scale = 1.0 - alpha
+        self._tail_power = 1.0 / (1.0 - alpha) if alpha < 1 else 0.0
 
     def f(self, u):
         a = self.alpha
@@ -514,6 +602,8 @@ class AlphaDivergence(FDivergence):
             return x
         if e == 0.5:
             return torch.sqrt(x)
+        if e == 1.5:  # alpha = 0.5's Jacobian weight and alpha = 1.5's loss term: no fractional pow
+            return x * torch.sqrt(x)
         return x**e
 
     def conj_grad(self, v):

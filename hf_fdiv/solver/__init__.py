@@ -27,7 +27,7 @@ from typing import Iterator, Optional, Union
 import torch
 from torch import Tensor
 
-from ..divergences import DivergenceSpec, FDivergence, get_divergence
+from ..divergences import KL, DivergenceSpec, FDivergence, get_divergence
 from . import learnable_alpha
 from .batched import backend_chunk_rows, solve_rows_batched
 from .chunked import CHUNK_ELEMENTS, SPARSE_TOPK, solve_rows_chunked
@@ -39,6 +39,7 @@ from .core import (
     as_rows,
     compute_dtype,
     f_softmax_shifted,
+    kl_softargmax,
     newton_policy,
     row_statistics,
     rows_per_chunk,
@@ -302,7 +303,11 @@ def f_softargmax(
     div = get_divergence(divergence)
     q = prepare_reference(reference, logits, dim)
     x, shape = as_rows(logits, dim)
-    p = FSoftargmaxFunction.apply(x, flatten_reference(q, shape), div, max_iter)
+    qf = flatten_reference(q, shape)
+    if isinstance(div, KL) and not isinstance(qf, (Tensor, RowProvider)):
+        p = kl_softargmax(x)  # torch's own softmax kernels and their backward
+    else:
+        p = FSoftargmaxFunction.apply(x, qf, div, max_iter)
     return p.reshape(shape).movedim(-1, dim)
 
 

@@ -39,6 +39,7 @@ __all__ = [
     "bracket",
     "newton_solve",
     "solve_kl",
+    "kl_softargmax",
     "sum_q_bregman",
     "f_softmax_shifted",
     "softargmax_vjp",
@@ -99,11 +100,18 @@ def newton_policy(div: FDivergence) -> NewtonPolicy:
         return own
     if isinstance(div, AlphaDivergence):
         a = div.alpha
-        # (sum p)^(a-1) is convex in tau for 1 < a <= 2; log sum p is convex for a < 1
-        return NewtonPolicy(a - 1.0 if a > 1 else 0.0, monotone=a <= 2, fp64=a > 2)
+        # (sum p)^(a-1) is convex in tau for 1 < a <= 2. For a < 1, p_j = q_j d_j^(-k) with d_j affine
+        # in tau and k = 1/(1-a): (sum p)^(-1/k) is a power mean of negative order of the d_j, concave,
+        # so (S^r - 1)/r with r = a - 1 < 0 is convex, and near-linear in the heavy tail that
+        # dominates S when V is large (log sum p, also convex, needs 8-10 passes at V = 32k).
+        return NewtonPolicy(a - 1.0, monotone=a <= 2, fp64=a > 2)
     if isinstance(div, ChiSquare):
         return NewtonPolicy(1.0, monotone=True)
-    if isinstance(div, (KL, ReverseKL, SquaredHellinger, JensenShannon)):  # log-convex (f*)'
+    if isinstance(div, ReverseKL):  # p_j = q_j / d_j: the same power mean argument, k = 1
+        return NewtonPolicy(-1.0, monotone=True)
+    if isinstance(div, SquaredHellinger):  # p_j = q_j / d_j^2, k = 2
+        return NewtonPolicy(-0.5, monotone=True)
+    if isinstance(div, (KL, JensenShannon)):  # log-convex (f*)' with exponential tails
         return NewtonPolicy(0.0, monotone=True)
     return NewtonPolicy(1.0 if div.sparse else 0.0, monotone=False)
 
@@ -251,6 +259,7 @@ def newton_solve(
     r, monotone = policy.transform, policy.monotone
     eps = torch.finfo(z.dtype).eps
     prepared = div.newton_prepare(z)
+    scratch: list = []  # the generator's per-pass buffers, reused by every pass of this search
     tau, lo, hi = lo.clone(), lo.clone(), hi.clone()
     prev_step = torch.full_like(tau, math.inf)
     converged = torch.zeros_like(tau, dtype=torch.bool)
@@ -258,7 +267,7 @@ def newton_solve(
         max_iter = policy.max_iter
     g = None
     for it in range(max_iter):
-        S, Sd, g = div.newton_sums(prepared, tau[:, None], q)
+        S, Sd, g = div.newton_sums(prepared, tau[:, None], q, scratch)
         lo = torch.where(S >= 1, tau, lo)
         hi = torch.where(S <= 1, tau, hi)
         logS = torch.log(S)
@@ -293,7 +302,7 @@ def newton_solve(
         tau = new
         g = None
     if g is None:
-        g = div.newton_eval_grad(prepared, tau[:, None])
+        g = div.newton_eval_grad(prepared, tau[:, None], scratch)
     if isinstance(q, Tensor):
         g = g * q
     total = g.sum(1, keepdim=True)
@@ -320,6 +329,17 @@ def solve_kl(z: Tensor, q: Union[float, Tensor], out: Optional[Tensor]) -> tuple
     elif q != 1.0:
         tau = tau + math.log(q)
     return tau, p
+
+
+def kl_softargmax(x: Tensor) -> Tensor:
+    """KL f-softargmax with a scalar reference: ``torch.softmax`` over the rows of ``x`` [N, V] (one fused
+    kernel forward and backward; softmax(x + log q) = softmax(x)). A row with a NaN or +inf entry, or
+    no finite entry, has a NaN sum and so a NaN p_0: that column alone is checked (one host sync)."""
+    p = torch.softmax(x, -1)
+    bad = torch.isnan(p[:, 0])
+    if bool(bad.any()):
+        raise nonfinite_error(int(bad.sum()))
+    return p
 
 
 def sum_q_bregman(p: Tensor, q: Union[float, Tensor], div: FDivergence) -> Tensor:
@@ -354,11 +374,12 @@ def f_softmax_shifted(sol: RowSolution, div: FDivergence) -> Tensor:
 
 def softargmax_vjp(div: FDivergence, p: Tensor, q: Union[float, Tensor], g: Tensor) -> Tensor:
     """J^T g = s * (g - <s, g> / <s, 1>) for J = diag(s) - s s^T / sum(s), s = q (f*)''(z - tau)."""
-    s = div.jacobian_weight(p, q)
+    s = div.jacobian_weight(p, q).to(g.dtype)  # alpha > 2 solves in fp64: p may be fp64, g fp32
     s = torch.where(p > 0, s, 0.0)  # excluded classes (q = 0) have p = 0 and no sensitivity (0/0 in s)
     ssum = s.sum(1, keepdim=True)
-    sg = torch.linalg.vecdot(s, g)[:, None]
-    return s * (g - sg / ssum)  # not in place: s may alias p (KL)
+    out = torch.mul(s, g)
+    sg = out.sum(1, keepdim=True)
+    return out.addcmul_(s, sg.div_(ssum), value=-1.0)  # s * g - s <s, g> / <s, 1>
 
 
 def row_statistics(sol: RowSolution) -> tuple[Tensor, Tensor, Tensor]:
