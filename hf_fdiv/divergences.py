@@ -44,6 +44,9 @@ __all__ = [
     "get_divergence",
     "available_divergences",
     "DivergenceSpec",
+    "scratch_buffer",
+    "PREPARED_SLOT",
+    "BREGMAN_SLOT",
 ]
 
 _LOG2 = math.log(2.0)
@@ -52,12 +55,22 @@ _F_PRIME_SCALARS: dict = {}
 
 
 def scratch_buffer(scratch: Optional[list], i: int, like: Tensor) -> Tensor:
-    """Buffer ``i`` of ``scratch`` (allocated like ``like`` on first use); a fresh one when None."""
+    """A contiguous tensor shaped like ``like`` in slot ``i`` of ``scratch`` (a list of flat buffers that
+    grows on demand and is reused for every chunk of a call); a fresh one when ``scratch`` is None."""
     if scratch is None:
-        return torch.empty_like(like)
+        return torch.empty_like(like, memory_format=torch.contiguous_format)
     while len(scratch) <= i:
-        scratch.append(torch.empty_like(like))
-    return scratch[i]
+        scratch.append(None)
+    buf, n = scratch[i], like.numel()
+    if buf is None or buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
+        buf = scratch[i] = torch.empty(n, dtype=like.dtype, device=like.device)
+    return buf[:n].view(like.shape)
+
+
+#: the scratch slot of ``newton_prepare``'s output (the passes use slots 0-2), and of the loss
+#: value's per-class terms (:meth:`FDivergence.bregman_row_sum`)
+PREPARED_SLOT = 3
+BREGMAN_SLOT = 4
 
 
 def _below_pole(v: Tensor, pole: float) -> Tensor:
@@ -114,7 +127,7 @@ class FDivergence:
     # multiply instead of an exp). Defaults: P = z. ``scratch`` (a list, or None) holds [n, m] buffers
     # shaped like P that the solver keeps for one root search (:func:`scratch_buffer`): a pass that
     # writes into them allocates nothing, which on a CPU spares a page-faulting allocation per pass.
-    def newton_prepare(self, z: Tensor) -> Tensor:
+    def newton_prepare(self, z: Tensor, scratch: Optional[list] = None) -> Tensor:
         return z
 
     def newton_eval(self, prepared: Tensor, tau: Tensor) -> tuple[Tensor, Tensor]:
@@ -145,6 +158,11 @@ class FDivergence:
         """
         c = u * self.f_prime(u) - self.f(u)
         return c if math.isinf(self.f_zero) else c + self.f_zero
+
+    def bregman_row_sum(self, u: Tensor, scratch: Optional[list] = None) -> Tensor:
+        """sum_j c(u_j) per row of ``u`` [n, m] (u >= 0, ``bregman_zero_safe`` generators only); built-ins
+        form c(u) in a scratch buffer (slot ``BREGMAN_SLOT``) instead of a fresh one."""
+        return self.bregman_to_zero(u).sum(1)
 
     def conj(self, v: Tensor) -> Tensor:
         """f*(v) = u v - f(u) with u = (f*)'(v)."""
@@ -296,10 +314,10 @@ class _PowerTail:
         return torch.pow(r, k, out=out)
 
     # a generator whose _tail_power is 0 (alpha > 1) keeps the generic passes
-    def newton_prepare(self, z: Tensor) -> Tensor:
+    def newton_prepare(self, z: Tensor, scratch: Optional[list] = None) -> Tensor:
         if not self._tail_power:
-            return super().newton_prepare(z)
-        return 1.0 - self._tail_scale * z
+            return super().newton_prepare(z, scratch)
+        return torch.mul(z, -self._tail_scale, out=scratch_buffer(scratch, PREPARED_SLOT, z)).add_(1.0)
 
     def newton_eval_grad(self, prepared: Tensor, tau: Tensor, scratch: Optional[list] = None) -> Tensor:
         if not self._tail_power:
@@ -371,6 +389,9 @@ class KL(FDivergence):
     def bregman_to_zero(self, u):
         return u
 
+    def bregman_row_sum(self, u, scratch=None):
+        return u.sum(1)
+
 
 class ReverseKL(_PowerTail, FDivergence):
     """Reverse KL: f(u) = -log u + u - 1. p_j = q_j / (1 + tau - theta_j) (polynomial tails)."""
@@ -408,6 +429,9 @@ class ReverseKL(_PowerTail, FDivergence):
     def bregman_to_zero(self, u):
         return torch.log(u)  # f(0) = +inf dropped
 
+    def bregman_row_sum(self, u, scratch=None):
+        return torch.log(u, out=scratch_buffer(scratch, BREGMAN_SLOT, u)).sum(1)
+
 
 class ChiSquare(FDivergence):
     """Pearson chi-square: f(u) = (u - 1)^2. Unit q: f-softargmax = sparsemax(theta / 2)."""
@@ -443,6 +467,9 @@ class ChiSquare(FDivergence):
 
     def bregman_to_zero(self, u):
         return u * u
+
+    def bregman_row_sum(self, u, scratch=None):
+        return torch.mul(u, u, out=scratch_buffer(scratch, BREGMAN_SLOT, u)).sum(1)
 
 
 class SquaredHellinger(_PowerTail, FDivergence):
@@ -484,6 +511,9 @@ class SquaredHellinger(_PowerTail, FDivergence):
     def bregman_to_zero(self, u):
         return torch.sqrt(u)
 
+    def bregman_row_sum(self, u, scratch=None):
+        return torch.sqrt(u, out=scratch_buffer(scratch, BREGMAN_SLOT, u)).sum(1)
+
 
 class JensenShannon(FDivergence):
     """Jensen-Shannon: f(u) = u log u - (u + 1) log((u + 1) / 2). (f*)'(v) = e^v / (2 - e^v)."""
@@ -520,8 +550,8 @@ class JensenShannon(FDivergence):
 
     # (f*)'(v) = 1 / (2 e^{-v} - 1): with P = e^{-z}, 2 e^{-(z - tau)} = 2 e^{tau} P, so each Newton
     # pass is a multiply and a reciprocal; (f*)'' = g (1 + g). P = +inf (z << 0) gives g = 0 exactly.
-    def newton_prepare(self, z):
-        return torch.exp(-z)
+    def newton_prepare(self, z, scratch=None):
+        return torch.neg(z, out=scratch_buffer(scratch, PREPARED_SLOT, z)).exp_()
 
     def _d(self, prepared, tau, scratch=None):
         out = scratch_buffer(scratch, 0, prepared)
@@ -549,6 +579,9 @@ class JensenShannon(FDivergence):
 
     def bregman_to_zero(self, u):
         return torch.log1p(u)
+
+    def bregman_row_sum(self, u, scratch=None):
+        return torch.log1p(u, out=scratch_buffer(scratch, BREGMAN_SLOT, u)).sum(1)
 
 
 class AlphaDivergence(_PowerTail, FDivergence):
@@ -639,6 +672,18 @@ class AlphaDivergence(_PowerTail, FDivergence):
 
     def bregman_to_zero(self, u):
         return self._power(u, self.alpha) / self.alpha if self.alpha != 1.5 else u * torch.sqrt(u) / 1.5
+
+    def bregman_row_sum(self, u, scratch=None):
+        a, out = self.alpha, scratch_buffer(scratch, BREGMAN_SLOT, u)
+        if a == 0.5:
+            c = torch.sqrt(u, out=out)
+        elif a == 1.5:
+            c = torch.sqrt(u, out=out).mul_(u)
+        elif a == 2.0:
+            c = torch.mul(u, u, out=out)
+        else:
+            c = torch.pow(u, a, out=out)
+        return c.sum(1) / a
 
     def __eq__(self, other):
         return isinstance(other, AlphaDivergence) and other.alpha == self.alpha

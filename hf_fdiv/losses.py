@@ -109,7 +109,7 @@ def onehot_loss(sol: RowSolution, c: Tensor, div: FDivergence) -> Tensor:
     if isinstance(div, KL):
         # CE(theta + log q, c) = tau - (z_c + log q_c), tau = logsumexp(z + log q).
         return sol.tau - z_c - torch.log(q_c)
-    value = sol.tau + sum_q_bregman(sol.p, sol.q_cols, div) - z_c + q_c * div.f(1.0 / q_c)
+    value = sol.tau + sum_q_bregman(sol.p, sol.q_cols, div, sol.scratch) - z_c + q_c * div.f(1.0 / q_c)
     if not math.isinf(div.f_zero):
         value = value - q_c * div.f_zero
     return value
@@ -124,7 +124,7 @@ def soft_target_loss(p: Tensor, y: Tensor, sol: RowSolution, div: FDivergence) -
     qf = q.expand_as(y) if isinstance(q, Tensor) else q
     dy = torch.where(pos_y, qf * (div.f(torch.where(pos_y, y / qf, torch.ones_like(y))) - f0), torch.zeros_like(y))
     yz = torch.where(pos_y, y * z, torch.zeros_like(y))
-    return sol.tau + sum_q_bregman(p, sol.q_rows, div) - yz.sum(1) + dy.sum(1)
+    return sol.tau + sum_q_bregman(p, sol.q_rows, div, sol.scratch) - yz.sum(1) + dy.sum(1)
 
 
 def _excluded_target_error(soft: bool) -> ValueError:

@@ -31,6 +31,7 @@ from ..divergences import KL, DivergenceSpec, FDivergence, get_divergence
 from . import learnable_alpha
 from .batched import backend_chunk_rows, solve_rows_batched
 from .chunked import CHUNK_ELEMENTS, SPARSE_TOPK, solve_rows_chunked
+from .cpu_allocator import tune_cpu_allocator
 from .core import (
     DEFAULT_MAX_ITER,
     NewtonPolicy,
@@ -81,6 +82,7 @@ __all__ = [
     "sum_q_bregman",
     "row_statistics",
     "work_chunk_rows",
+    "tune_cpu_allocator",
     "rows_per_chunk",
     "CHUNK_ELEMENTS",
     "DEFAULT_MAX_ITER",
@@ -168,6 +170,8 @@ def solve_rows(
     the same rows replaces an earlier ``uncertain`` one (``batched``), so write results per row.
     """
     backend = backend or solver_backend(x)
+    if x.device.type == "cpu":
+        tune_cpu_allocator()  # once per process: chunk temporaries reuse freed memory (issue 22)
     if backend == "chunked":
         return solve_rows_chunked(
             x, q, div, rows=rows, out=out, max_iter=max_iter, skip_nonfinite=skip_nonfinite, **chunk_options

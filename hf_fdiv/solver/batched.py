@@ -75,6 +75,7 @@ def _solve_pass(
     step = rows_per_chunk(chunk_elements or BATCHED_CHUNK_ELEMENTS, V)
     passes = _passes(div, max_iter)
     lazy_q = isinstance(q, RowProvider)
+    scratch: list = []  # the root searches' buffers, shared by every chunk
     for a, b, sel, x_rows in row_chunks(x, rows, step):
         qc = reference_rows(q, sel, V, work_dtype)
         unsure = None
@@ -103,7 +104,7 @@ def _solve_pass(
             vals = vals.to(work_dtype) - m[:, None]
             qk = reference_at_columns(qc, idx)
             lo, hi = bracket(vals, qk, div)
-            tau, pk, converged = newton_solve(vals, qk, div, lo, hi, passes, early_exit=False)
+            tau, pk, converged = newton_solve(vals, qk, div, lo, hi, passes, early_exit=False, scratch=scratch)
             # Exact for the whole row iff every left-out entry is clipped: z_j - tau <= f'(0).
             exact = converged & (vals.amin(1) - tau <= div.f_prime_zero)
             unsure = ~exact if unsure is None else unsure | ~exact
@@ -114,7 +115,9 @@ def _solve_pass(
             if lower is not None:
                 lo = torch.maximum(lo, lower[a:b])
                 hi = torch.maximum(hi, lo)
-            tau, p, converged = newton_solve(z, qc, div, lo, hi, passes, early_exit=False, out=out_rows)
+            tau, p, converged = newton_solve(
+                z, qc, div, lo, hi, passes, early_exit=False, out=out_rows, scratch=scratch
+            )
             unsure = ~converged if unsure is None else unsure | ~converged
             sol = RowSolution(sel, x_rows, m, qc, tau, p, z, qc, None)
         if unsure is None:  # KL on finite rows: exact
@@ -126,6 +129,7 @@ def _solve_pass(
         uncertain_all[a:b] = unsure
         if tau_all is not None:
             tau_all[a:b] = tau
+        sol.scratch = scratch
         sol.write_into(out)
         yield sol
 

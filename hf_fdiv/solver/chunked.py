@@ -30,7 +30,7 @@ SPARSE_TOPK = 32
 SPARSE_MAX_SUPPORT_FRACTION = 0.125
 
 
-def _solve_sparse(x_rows, m, q, div, max_iter, topk, workspace, out):
+def _solve_sparse(x_rows, m, q, div, max_iter, topk, workspace, out, scratch):
     """Sparse f: solve on the top-K entries, verify exactness, widen or fall back to dense.
 
     Returns (tau, p, z, q_cols, index); index None means dense [n, V]."""
@@ -43,7 +43,7 @@ def _solve_sparse(x_rows, m, q, div, max_iter, topk, workspace, out):
         vals = vals.to(m.dtype) - m[:, None]
         qk = reference_at_columns(q, idx)
         lo, hi = bracket(vals, qk, div)
-        tau, pk, _ = newton_solve(vals, qk, div, lo, hi, max_iter, early_exit=True)
+        tau, pk, _ = newton_solve(vals, qk, div, lo, hi, max_iter, early_exit=True, scratch=scratch)
         # Exact for the whole row iff every left-out entry is clipped: z_j - tau <= f'(0).
         if bool((vals.amin(1) - tau <= threshold).all()):
             return tau, pk, vals, qk, idx
@@ -57,14 +57,16 @@ def _solve_sparse(x_rows, m, q, div, max_iter, topk, workspace, out):
             vals = vals.to(m.dtype) - m[:, None]
             qk = reference_at_columns(q, idx)
             _, hi = bracket(vals, qk, div)
-            tau, pk, _ = newton_solve(vals, qk, div, lo_sub, torch.maximum(hi, lo_sub), max_iter, early_exit=True)
+            tau, pk, _ = newton_solve(
+                vals, qk, div, lo_sub, torch.maximum(hi, lo_sub), max_iter, early_exit=True, scratch=scratch
+            )
             return tau, pk, vals, qk, idx
     z = _shifted(x_rows, m, workspace)
     lo, hi = bracket(z, q, div)
     if lo_sub is not None:
         lo = torch.maximum(lo, lo_sub)
         hi = torch.maximum(hi, lo)
-    tau, p, _ = newton_solve(z, q, div, lo, hi, max_iter, early_exit=True, out=out)
+    tau, p, _ = newton_solve(z, q, div, lo, hi, max_iter, early_exit=True, out=out, scratch=scratch)
     return tau, p, z, q, None
 
 
@@ -102,6 +104,9 @@ def solve_rows_chunked(
         workspace = torch.empty((chunk_rows, V), dtype=work_dtype, device=x.device) if total else None
     lazy_q = isinstance(q, RowProvider)
     q_has_zero = isinstance(q, Tensor) and bool((q == 0).any())
+    # the root searches' buffers, shared by every chunk: a fresh allocation per chunk costs page faults
+    # (measured: most of a dense generator's time, and the process-to-process spread, issue 22)
+    scratch: list = []
     for _, _, sel, x_rows in row_chunks(x, rows, step):
         qc = reference_rows(q, sel, V, work_dtype)
         if lazy_q and bool(bad_reference_rows(qc).any()):
@@ -127,13 +132,14 @@ def solve_rows_chunked(
             tau, p = solve_kl(z, qc, out_rows if direct else None)
             sol = RowSolution(sel, x_rows, m, qc, tau, p, None, qc, None)
         elif div.sparse:
-            tau, p, zs, qs, idx = _solve_sparse(x_rows, m, qc, div, max_iter, topk, workspace, out_rows)
+            tau, p, zs, qs, idx = _solve_sparse(x_rows, m, qc, div, max_iter, topk, workspace, out_rows, scratch)
             sol = RowSolution(sel, x_rows, m, qc, tau, p, zs, qs, idx)
         else:
             z = _shifted(x_rows, m, workspace)
             lo, hi = bracket(z, qc, div)
-            tau, p, _ = newton_solve(z, qc, div, lo, hi, max_iter, early_exit=True, out=out_rows)
+            tau, p, _ = newton_solve(z, qc, div, lo, hi, max_iter, early_exit=True, out=out_rows, scratch=scratch)
             sol = RowSolution(sel, x_rows, m, qc, tau, p, z, qc, None)
         sol.skipped = skipped
+        sol.scratch = scratch
         sol.write_into(out)
         yield sol

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..divergences import (
+    BREGMAN_SLOT,
     KL,
     AlphaDivergence,
     ChiSquare,
@@ -25,6 +26,7 @@ from ..divergences import (
     JensenShannon,
     ReverseKL,
     SquaredHellinger,
+    scratch_buffer,
 )
 from .reference import reference_total
 
@@ -81,11 +83,15 @@ class NewtonPolicy:
     one r per row (the learnable-alpha solver, :mod:`.learnable_alpha`);
     ``monotone``: the transformed equation is convex in tau, so Newton from tau_lo never overshoots;
     ``fp64``: solve in fp64 even for fp32 inputs (alpha > 2: (f*)'' is infinite where a class enters
-    the support, so one fp32 ulp of tau moves such a p_j by ~sqrt(ulp))."""
+    the support, so one fp32 ulp of tau moves such a p_j by ~sqrt(ulp));
+    ``smooth``: phi is differentiable with a finite derivative everywhere (dense f), so a non-monotone
+    search may stop on a Newton step of a few ulps instead of waiting for the bracket to collapse, and
+    needs no forced bisections (a step that does not halve the previous one is replaced by one)."""
 
     transform: Union[float, Tensor]
     monotone: bool
     fp64: bool = False
+    smooth: bool = False
 
     @property
     def max_iter(self) -> int:
@@ -113,7 +119,7 @@ def newton_policy(div: FDivergence) -> NewtonPolicy:
         return NewtonPolicy(-0.5, monotone=True)
     if isinstance(div, (KL, JensenShannon)):  # log-convex (f*)' with exponential tails
         return NewtonPolicy(0.0, monotone=True)
-    return NewtonPolicy(1.0 if div.sparse else 0.0, monotone=False)
+    return NewtonPolicy(1.0 if div.sparse else 0.0, monotone=False, smooth=not div.sparse)
 
 
 def rows_per_chunk(elements: int, V: int) -> int:
@@ -182,6 +188,7 @@ class RowSolution:
     index: Optional[Tensor]
     skipped: Optional[Tensor] = None
     uncertain: Optional[Tensor] = None
+    scratch: Optional[list] = None  # the backend's buffers, for a consumer's per-chunk temporaries
 
     def z_at(self, cols: Tensor) -> Tensor:
         """Shifted logits at one column per row (``cols`` [n]), compute dtype."""
@@ -248,18 +255,25 @@ def newton_solve(
     *,
     early_exit: bool,
     out: Optional[Tensor] = None,
+    scratch: Optional[list] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Safeguarded Newton from tau_lo on the transformed normalisation equation.
 
     ``early_exit`` stops once every row has converged (one host synchronisation per pass: the CPU
     path); otherwise exactly ``max_iter`` passes run (no synchronisation). Returns tau [n],
     p [n, m] normalised at that tau (written into ``out`` when given and of the compute dtype) and
-    ``converged`` [n] (tau a fixed point to a few ulps, or a collapsed bracket)."""
+    ``converged`` [n] (tau a fixed point to a few ulps, or a collapsed bracket).
+
+    ``scratch`` (a list, see :func:`hf_fdiv.divergences.scratch_buffer`) holds the passes' buffers; a
+    backend passes one list for every chunk of a call, so that chunks allocate nothing. p never lives
+    in it when ``out`` is None (callers may keep p past the chunk); with an ``out`` of another dtype it
+    may, until the next chunk."""
     policy = newton_policy(div)
     r, monotone = policy.transform, policy.monotone
     eps = torch.finfo(z.dtype).eps
-    prepared = div.newton_prepare(z)
-    scratch: list = []  # the generator's per-pass buffers, reused by every pass of this search
+    if scratch is None:
+        scratch = []  # the generator's per-pass buffers, reused by every pass of this search
+    prepared = div.newton_prepare(z, scratch)
     tau, lo, hi = lo.clone(), lo.clone(), hi.clone()
     prev_step = torch.full_like(tau, math.inf)
     converged = torch.zeros_like(tau, dtype=torch.bool)
@@ -280,21 +294,28 @@ def newton_solve(
         new = tau + step
         # Safeguard: a Newton step must land strictly inside the bracket, else bisect (NaN steps
         # fail too). When Newton is not provably monotone, a step must also halve the previous one
-        # and every third pass is a bisection, so the bracket keeps shrinking.
+        # (or be a few ulps), and for non-smooth phi every third pass is a bisection, so the bracket
+        # keeps shrinking.
+        ulps = 4 * eps * (1 + tau.abs())
         ok = (new > lo) & (new < hi)
-        if monotone:
-            ok |= new == tau
-        else:
-            ok &= (step.abs() <= 0.5 * prev_step) & (it % 3 != 2)
+        if not monotone:
+            ok &= (step.abs() <= 0.5 * prev_step) | (step.abs() <= ulps)
+            if not policy.smooth:
+                ok &= it % 3 != 2
+        if monotone or policy.smooth:
+            ok |= new == tau  # a step below one ulp of tau: the root is found
         new = torch.where(ok, new, 0.5 * (lo + hi))
         new = torch.where(S == 1, tau, new)
         moved = new - tau
         if monotone:
             # Converged when no row moves by more than a few ulps: g at tau is p up to rounding.
-            converged = moved.abs() <= 4 * eps * (1 + tau.abs())
+            converged = moved.abs() <= ulps
         else:
-            # Steps can be tiny far from the root here: require a collapsed bracket.
-            converged = (S == 1) | ((hi - lo) <= 4 * eps * (1 + tau.abs()))
+            # Steps can be tiny far from the root where phi has a kink of infinite slope (sparse f):
+            # there, require a collapsed bracket; a smooth phi may stop on a Newton step of a few ulps.
+            converged = (S == 1) | ((hi - lo) <= ulps)
+            if policy.smooth:
+                converged |= ok & (moved.abs() <= ulps)
         if early_exit and bool(converged.all()):
             tau = new
             break
@@ -306,7 +327,9 @@ def newton_solve(
     if isinstance(q, Tensor):
         g = g * q
     total = g.sum(1, keepdim=True)
-    if out is not None and out.dtype == g.dtype:
+    if out is None:
+        return tau, g / total, converged
+    if out.dtype == g.dtype:
         return tau, torch.div(g, total, out=out), converged
     return tau, g.div_(total), converged
 
@@ -342,11 +365,14 @@ def kl_softargmax(x: Tensor) -> Tensor:
     return p
 
 
-def sum_q_bregman(p: Tensor, q: Union[float, Tensor], div: FDivergence) -> Tensor:
+def sum_q_bregman(p: Tensor, q: Union[float, Tensor], div: FDivergence, scratch: Optional[list] = None) -> Tensor:
     """sum_j q_j c(p_j / q_j) per row, c = :meth:`FDivergence.bregman_to_zero`; classes with q_j = 0
-    contribute 0, classes with p_j = 0 contribute c(0) (0, or -inf when f(0) = +inf)."""
+    contribute 0, classes with p_j = 0 contribute c(0) (0, or -inf when f(0) = +inf). ``scratch``: the
+    solution's buffers (:attr:`RowSolution.scratch`)."""
     if div.bregman_zero_safe and not isinstance(q, Tensor):
-        return div.bregman_to_zero(p if q == 1.0 else p / q).sum(1) * q
+        # u in the slot after c's: bregman_row_sum may read u after writing c
+        u = p if q == 1.0 else torch.div(p, q, out=scratch_buffer(scratch, BREGMAN_SLOT + 1, p))
+        return div.bregman_row_sum(u, scratch) * q
     pos = p > 0
     if isinstance(q, Tensor):
         qf = q.expand_as(p)
@@ -366,7 +392,7 @@ def f_softmax_shifted(sol: RowSolution, div: FDivergence) -> Tensor:
     q_total = reference_total(sol.q_rows, n, V, sol.tau)
     if isinstance(div, KL):
         return sol.tau + 1 - q_total
-    value = sol.tau + sum_q_bregman(sol.p, sol.q_cols, div)
+    value = sol.tau + sum_q_bregman(sol.p, sol.q_cols, div, sol.scratch)
     if not math.isinf(div.f_zero):
         value = value - div.f_zero * q_total
     return value

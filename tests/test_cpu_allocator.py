@@ -1,0 +1,70 @@
+"""The glibc tuning of :mod:`hf_fdiv.solver.cpu_allocator` (issue 22): with it, a chunk's freed
+temporaries are reused without page faults; without it (``HF_FDIV_TUNE_MALLOC=0``) every round of
+8 MiB temporaries faults its pages in again in some processes and not in others, depending on where
+address-space layout randomisation put the heap (the cause of the benchmark's process-to-process
+spread). Counted with getrusage in fresh processes; with randomisation turned off for the child
+(personality ADDR_NO_RANDOMIZE) the untuned allocator faults in nearly every process."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.skipif(
+    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="the tuning is glibc's"
+)
+
+SCRIPT = """
+import resource, torch, hf_fdiv
+x = torch.randn(64, 1000)
+hf_fdiv.fdiv_loss(x, torch.zeros(64, dtype=torch.long), "js")  # the first CPU solve tunes
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def chunk_temporaries():
+    bufs = [torch.empty(2 << 20).fill_(1.0) for _ in range(4)]  # 4 x 8 MiB
+    del bufs
+for _ in range(3):
+    chunk_temporaries()
+start = faults()
+for _ in range(10):
+    chunk_temporaries()
+print(hf_fdiv.solver.tune_cpu_allocator(), (faults() - start) / 10)
+"""
+
+
+ADDR_NO_RANDOMIZE = 0x0040000
+
+
+def _no_aslr():
+    ctypes.CDLL(None).personality(ADDR_NO_RANDOMIZE)  # inherited by the exec that follows
+
+
+def _faults_per_round(tune: str, aslr: bool = True) -> tuple[str, float]:
+    env = dict(os.environ, HF_FDIV_TUNE_MALLOC=tune)
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, check=True,
+        preexec_fn=None if aslr else _no_aslr,
+    )
+    tuned, faults = out.stdout.split()
+    return tuned, float(faults)
+
+
+def test_untuned_allocator_faults_every_round_in_some_processes():
+    # the pages of 4 x 8 MiB freed temporaries (8 192), faulted in again every round, in most layouts
+    # (without randomisation nearly always; a process may still draw a layout that reuses them)
+    runs = [_faults_per_round("0", aslr=False) for _ in range(3)]
+    assert all(tuned == "False" for tuned, _ in runs)  # HF_FDIV_TUNE_MALLOC=0 turns the tuning off
+    assert max(faults for _, faults in runs) > 4000
+
+
+def test_tuned_allocator_reuses_freed_chunk_memory_in_every_layout():
+    tuned, faults = _faults_per_round("1", aslr=False)
+    assert tuned == "True"
+    assert faults < 100
+    for _ in range(3):  # randomised layouts, as users run
+        assert _faults_per_round("1")[1] < 100
