@@ -292,17 +292,24 @@ class _PowerTail:
     """Newton passes for generators with (f*)'(v) = d^(-k), d = 1 - B v (reverse KL: B = k = 1; squared
     Hellinger: B = 1, k = 2; alpha < 1: B = 1 - alpha, k = 1 / (1 - alpha)), so (f*)''(v) = k B g / d.
 
-    With P = 1 - B z prepared once per row, each pass at tau is d = P + B tau, one reciprocal and (for
-    k != 1) one product or power: no per-element pow of a fractional exponent for k in {1, 2}. d is kept
-    at or above the distance from the pole that :meth:`FDivergence.clip_to_domain` keeps."""
+    At v = z - tau, d = B (tau + 1/B - z): a pass is one subtraction from the row (and a scaling when
+    B != 1), one reciprocal r = 1/d and, for k != 1, one product or power: no per-element pow of a
+    fractional exponent for k in {1, 2} and nothing prepared. With a tensor reference, d is kept at or
+    above the distance from the pole that :meth:`FDivergence.clip_to_domain` keeps; with a scalar one
+    it is at least q^(1 - alpha) > 0 for every tau >= tau_lo (``docs/math.md``, "Bracket"), so the
+    passes skip that clamp."""
 
     _tail_scale: float  # B
     _tail_power: float  # k
 
-    def _reciprocal_distance(self, prepared: Tensor, tau: Tensor, scratch: Optional[list]) -> Tensor:
+    def _reciprocal_distance(self, z: Tensor, tau: Tensor, scratch: Optional[list], clamp: bool) -> Tensor:
         B = self._tail_scale
-        d = torch.add(prepared, tau * B, out=scratch_buffer(scratch, 0, prepared))
-        return d.clamp_(min=B * 1e-7 * max(1.0, 1.0 / B)).reciprocal_()
+        d = torch.sub(tau + 1.0 / B, z, out=scratch_buffer(scratch, 0, z))
+        if B != 1.0:
+            d.mul_(B)
+        if clamp:
+            d.clamp_(min=B * 1e-7 * max(1.0, 1.0 / B))
+        return d.reciprocal_()
 
     def _tail(self, r: Tensor, scratch: Optional[list]) -> Tensor:
         k = self._tail_power
@@ -314,20 +321,15 @@ class _PowerTail:
         return torch.pow(r, k, out=out)
 
     # a generator whose _tail_power is 0 (alpha > 1) keeps the generic passes
-    def newton_prepare(self, z: Tensor, scratch: Optional[list] = None) -> Tensor:
-        if not self._tail_power:
-            return super().newton_prepare(z, scratch)
-        return torch.mul(z, -self._tail_scale, out=scratch_buffer(scratch, PREPARED_SLOT, z)).add_(1.0)
-
     def newton_eval_grad(self, prepared: Tensor, tau: Tensor, scratch: Optional[list] = None) -> Tensor:
         if not self._tail_power:
             return super().newton_eval_grad(prepared, tau, scratch)
-        return self._tail(self._reciprocal_distance(prepared, tau, scratch), scratch)
+        return self._tail(self._reciprocal_distance(prepared, tau, scratch, clamp=True), scratch)
 
     def newton_eval(self, prepared: Tensor, tau: Tensor) -> tuple[Tensor, Tensor]:
         if not self._tail_power:
             return super().newton_eval(prepared, tau)
-        r = self._reciprocal_distance(prepared, tau, None)
+        r = self._reciprocal_distance(prepared, tau, None, clamp=True)
         g = self._tail(r, None)
         return g, (self._tail_power * self._tail_scale) * g * r
 
@@ -336,11 +338,12 @@ class _PowerTail:
     ) -> tuple[Tensor, Tensor, Tensor]:
         if not self._tail_power:
             return super().newton_sums(prepared, tau, q, scratch)
-        r = self._reciprocal_distance(prepared, tau, scratch)
+        tensor_q = isinstance(q, Tensor)
+        r = self._reciprocal_distance(prepared, tau, scratch, clamp=tensor_q)
         g = self._tail(r, scratch)
         kB = self._tail_power * self._tail_scale
         # S' = k B sum_j q_j g_j r_j, formed in place over q g (a third buffer) or r (unless r is g)
-        if isinstance(q, Tensor):
+        if tensor_q:
             gq = torch.mul(g, q, out=scratch_buffer(scratch, 2, g))
             S = gq.sum(1)
             return S, gq.mul_(r).sum(1) * kB, g
@@ -506,7 +509,7 @@ class SquaredHellinger(_PowerTail, FDivergence):
 
     def jacobian_weight(self, p, q):
         u = p if isinstance(q, (int, float)) and q == 1.0 else p / q
-        return 2 * p * torch.sqrt(u)  # 2 q u^1.5 without a fractional pow
+        return torch.sqrt(u).mul_(p).mul_(2.0)  # 2 q u^1.5 without a fractional pow
 
     def bregman_to_zero(self, u):
         return torch.sqrt(u)
@@ -575,7 +578,8 @@ class JensenShannon(FDivergence):
         return self._d(prepared, tau, scratch).reciprocal_()
 
     def jacobian_weight(self, p, q):
-        return p * (p + q) / q
+        s = torch.add(p, q).mul_(p)
+        return s if isinstance(q, (int, float)) and q == 1.0 else s.div_(q)
 
     def bregman_to_zero(self, u):
         return torch.log1p(u)
@@ -636,7 +640,7 @@ class AlphaDivergence(_PowerTail, FDivergence):
         if e == 0.5:
             return torch.sqrt(x)
         if e == 1.5:  # alpha = 0.5's Jacobian weight and alpha = 1.5's loss term: no fractional pow
-            return x * torch.sqrt(x)
+            return torch.sqrt(x).mul_(x)
         return x**e
 
     def conj_grad(self, v):

@@ -243,7 +243,7 @@ class FSoftargmaxFunction(torch.autograd.Function):
                 if ctx.compact and bool(done[sl].all()):
                     continue
                 qc = reference_rows(q, sl, V, work_dtype)
-                dx[sl] = softargmax_vjp(div, p[sl].to(work_dtype), qc, grad_out[sl].to(work_dtype))
+                softargmax_vjp(div, p[sl].to(work_dtype), qc, grad_out[sl].to(work_dtype), out=dx[sl])
         return dx, None, None, None
 
 

@@ -72,6 +72,8 @@ def _solve_sparse(x_rows, m, q, div, max_iter, topk, workspace, out, scratch):
 
 def _shifted(x_rows: Tensor, m: Tensor, workspace: Tensor) -> Tensor:
     z = workspace[: x_rows.shape[0]]
+    if x_rows.dtype == z.dtype:
+        return torch.sub(x_rows, m[:, None], out=z)  # one pass
     z.copy_(x_rows)
     return z.sub_(m[:, None])
 

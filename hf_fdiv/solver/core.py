@@ -241,7 +241,13 @@ def bracket(z: Tensor, q: Union[float, Tensor], div: FDivergence) -> tuple[Tenso
         hi = -div.f_prime(1.0 / qf.sum(1))
     else:
         lo = torch.full((n,), -div.f_prime_scalar(1.0 / q), dtype=z.dtype, device=z.device)
-        hi = torch.full((n,), -div.f_prime_scalar(1.0 / (q * V)), dtype=z.dtype, device=z.device)
+        hi_value = -div.f_prime_scalar(1.0 / (q * V))
+        hi = torch.full((n,), hi_value, dtype=z.dtype, device=z.device)
+        if not div.sparse and newton_policy(div).monotone:
+            # (f*)' is convex for these generators, so by Jensen sum_j q (f*)'(z_j - tau) >=
+            # q V (f*)'(mean(z) - tau), which is 1 at tau = mean(z) - f'(1/(qV)): a lower end far closer
+            # to the root than -f'(1/q) when V is large (one pass fewer; a -inf logit gives -inf, no-op)
+            lo = torch.maximum(lo, z.mean(1).add_(hi_value))
     return lo, torch.maximum(hi, lo)
 
 
@@ -398,14 +404,22 @@ def f_softmax_shifted(sol: RowSolution, div: FDivergence) -> Tensor:
     return value
 
 
-def softargmax_vjp(div: FDivergence, p: Tensor, q: Union[float, Tensor], g: Tensor) -> Tensor:
-    """J^T g = s * (g - <s, g> / <s, 1>) for J = diag(s) - s s^T / sum(s), s = q (f*)''(z - tau)."""
+def softargmax_vjp(
+    div: FDivergence, p: Tensor, q: Union[float, Tensor], g: Tensor, out: Optional[Tensor] = None
+) -> Tensor:
+    """J^T g = s * (g - <s, g> / <s, 1>) for J = diag(s) - s s^T / sum(s), s = q (f*)''(z - tau);
+    written into ``out`` ([n, m], any float dtype) when given."""
     s = div.jacobian_weight(p, q).to(g.dtype)  # alpha > 2 solves in fp64: p may be fp64, g fp32
-    s = torch.where(p > 0, s, 0.0)  # excluded classes (q = 0) have p = 0 and no sensitivity (0/0 in s)
+    if isinstance(q, Tensor):  # excluded classes (q = 0) have p = 0 and no sensitivity (0/0 in s)
+        s = torch.where(p > 0, s, 0.0)
     ssum = s.sum(1, keepdim=True)
-    out = torch.mul(s, g)
-    sg = out.sum(1, keepdim=True)
-    return out.addcmul_(s, sg.div_(ssum), value=-1.0)  # s * g - s <s, g> / <s, 1>
+    direct = out is not None and out.dtype == g.dtype
+    prod = torch.mul(s, g, out=out) if direct else torch.mul(s, g)
+    sg = prod.sum(1, keepdim=True)
+    prod.addcmul_(s, sg.div_(ssum), value=-1.0)  # s * g - s <s, g> / <s, 1>
+    if out is not None and not direct:
+        out.copy_(prod)
+    return out if out is not None else prod
 
 
 def row_statistics(sol: RowSolution) -> tuple[Tensor, Tensor, Tensor]:
