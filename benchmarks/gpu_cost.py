@@ -395,7 +395,11 @@ CE, SOFTMAX, MAT_CE = "F.cross_entropy", "torch.softmax", "materialised F.cross_
 LAUNCH_BUDGET = 50  # per chunk, every loss and the operator (issue 23)
 
 
-def cases(triton: bool = True) -> list[Case]:
+#: the other built-in generators (``--all-divergences``; issue 22 asks for each one's passes on ``batched``)
+OTHER_DIVERGENCES = ("reverse_kl", "chi2", "squared_hellinger", "alpha:0.5", "alpha:3")
+
+
+def cases(triton: bool = True, all_divergences: bool = False) -> list[Case]:
     """Baselines first; then hf_fdiv on the batched backend, the fused LM head, and the Triton kernels."""
     out = [
         Case(CE, _logits, _ce),
@@ -412,6 +416,13 @@ def cases(triton: bool = True) -> list[Case]:
         for spec, budget in (("alpha:1.5", 1.5), ("alpha:2", None)):
             out.append(Case(f"f_softargmax {spec}{tag}", _op_inputs, _f_softargmax(spec), SOFTMAX, backend, False,
                             budget, LAUNCH_BUDGET))
+    if all_divergences:
+        for spec in ("kl", "js") + OTHER_DIVERGENCES:
+            if spec not in budgets:
+                out.append(Case(f"fdiv_loss {spec}", _logits, _fdiv_loss(spec), CE, "batched", False, None,
+                                LAUNCH_BUDGET))
+            out.append(Case(f"f_softargmax {spec}", _op_inputs, _f_softargmax(spec), SOFTMAX, "batched", False,
+                            None, LAUNCH_BUDGET))
     for spec in ("alpha:1.5", "kl"):
         out.append(Case(f"fused {spec}", _fused_inputs, _fused(spec), MAT_CE, "batched", True, None, LAUNCH_BUDGET))
     return out
@@ -655,6 +666,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--triton-shape", default="4x12288",
                     help="rows x V the Triton kernels are measured at (V > 8192: the tiled path of the full shapes)")
     ap.add_argument("--no-triton", action="store_true", help="skip the Triton cases")
+    ap.add_argument("--all-divergences", action="store_true",
+                    help="also every other built-in generator's loss and operator on the batched backend")
     ap.add_argument("--only", action="append", help="keep cases whose name contains this (baselines always kept)")
     ap.add_argument("--top", type=int, default=0, help="also list each case's top-K ops by bytes and by launches")
     ap.add_argument("--json", help="write the results here")
@@ -664,7 +677,7 @@ def main(argv=None) -> list[dict]:
     if len(dtypes) == 1 and len(shapes) > 1:
         dtypes = dtypes * len(shapes)
     triton = not args.no_triton and _triton_ready()
-    all_cases = [c for c in cases(triton)
+    all_cases = [c for c in cases(triton, args.all_divergences)
                  if c.baseline is None or not args.only or any(o in c.name for o in args.only)]
     by_name = {c.name: c for c in all_cases}
     tn, tv = parse_shape(args.triton_shape)

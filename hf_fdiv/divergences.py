@@ -134,6 +134,11 @@ class FDivergence:
         """((f*)'(z - tau), (f*)''(z - tau)) from ``newton_prepare(z)``; tau is [n, 1]."""
         return self.conj_grad_and_hess(prepared - tau)
 
+    def newton_lower_bound(self, prepared: Tensor, q, scratch: Optional[list] = None) -> Optional[Tensor]:
+        """An optional lower bound of the root tau [n] (phi >= 0 there) cheap to form from the prepared
+        row; the search starts at the larger of it and the bracket's lower end. None: no bound."""
+        return None
+
     def newton_eval_grad(self, prepared: Tensor, tau: Tensor, scratch: Optional[list] = None) -> Tensor:
         return self.conj_grad(prepared - tau)
 
@@ -564,6 +569,14 @@ class JensenShannon(FDivergence):
     def newton_eval(self, prepared, tau):
         g = self._d(prepared, tau).reciprocal_()
         return g, g * (1 + g)
+
+    def newton_lower_bound(self, prepared, q, scratch=None):
+        # (f*)'(v) >= e^v / 2, so sum_j q e^(z_j - tau) / 2 >= 1 at tau = log(q/2 sum_j e^z_j): the
+        # log-sum-exp start (tight when the mass is spread), with sum_j e^z_j = sum_j 1/P_j (no exp pass)
+        if isinstance(q, Tensor):
+            return None
+        total = torch.reciprocal(prepared, out=scratch_buffer(scratch, 0, prepared)).sum(1)
+        return torch.log(total).add_(math.log(q / 2))
 
     def newton_sums(self, prepared, tau, q, scratch=None):
         g = self._d(prepared, tau, scratch).reciprocal_()

@@ -280,8 +280,13 @@ def newton_solve(
     if scratch is None:
         scratch = []  # the generator's per-pass buffers, reused by every pass of this search
     prepared = div.newton_prepare(z, scratch)
+    start = div.newton_lower_bound(prepared, q, scratch)
+    if start is not None:
+        lo = torch.maximum(lo, start.to(lo.dtype))
+        hi = torch.maximum(hi, lo)
     tau, lo, hi = lo.clone(), lo.clone(), hi.clone()
     prev_step = torch.full_like(tau, math.inf)
+    residual_mark = torch.full_like(tau, math.inf)  # |S - 1| three passes ago (non-smooth safeguard)
     converged = torch.zeros_like(tau, dtype=torch.bool)
     if max_iter is None:
         max_iter = policy.max_iter
@@ -300,18 +305,23 @@ def newton_solve(
         new = tau + step
         # Safeguard: a Newton step must land strictly inside the bracket, else bisect (NaN steps
         # fail too). When Newton is not provably monotone, a step must also halve the previous one
-        # (or be a few ulps), and for non-smooth phi every third pass is a bisection, so the bracket
-        # keeps shrinking.
+        # (or be a few ulps), and for non-smooth phi every third pass is a bisection unless |S - 1|
+        # fell by 4x over the last three passes, so either the residual or the bracket keeps shrinking.
         ulps = 4 * eps * (1 + tau.abs())
         ok = (new > lo) & (new < hi)
         if not monotone:
             ok &= (step.abs() <= 0.5 * prev_step) | (step.abs() <= ulps)
-            if not policy.smooth:
-                ok &= it % 3 != 2
+            if not policy.smooth and it % 3 == 2:
+                residual = (S - 1).abs()
+                ok &= residual <= 0.25 * residual_mark
+                residual_mark = residual
         if monotone or policy.smooth:
             ok |= new == tau  # a step below one ulp of tau: the root is found
         new = torch.where(ok, new, 0.5 * (lo + hi))
-        new = torch.where(S == 1, tau, new)
+        # Every p_j moves with tau in the same direction, so sum_j |p_j(tau) - p_j(root)| = |S - 1|:
+        # S within a few ulps of 1 certifies p as well as a collapsed bracket would; stay there.
+        at_root = (S == 1) if monotone else (S - 1).abs() <= 8 * eps
+        new = torch.where(at_root, tau, new)
         moved = new - tau
         if monotone:
             # Converged when no row moves by more than a few ulps: g at tau is p up to rounding.
@@ -319,7 +329,7 @@ def newton_solve(
         else:
             # Steps can be tiny far from the root where phi has a kink of infinite slope (sparse f):
             # there, require a collapsed bracket; a smooth phi may stop on a Newton step of a few ulps.
-            converged = (S == 1) | ((hi - lo) <= ulps)
+            converged = at_root | ((hi - lo) <= ulps)
             if policy.smooth:
                 converged |= ok & (moved.abs() <= ulps)
         if early_exit and bool(converged.all()):
