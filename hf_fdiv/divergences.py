@@ -145,8 +145,8 @@ class FDivergence:
     def newton_sums(
         self, prepared: Tensor, tau: Tensor, q, scratch: Optional[list] = None
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """(S, S', g): S = sum_j q_j (f*)'(z_j - tau), S' = sum_j q_j (f*)''(z_j - tau), g = (f*)'(z - tau).
-        g may live in ``scratch`` (valid until the next pass)."""
+        """(S, S', g): S = sum_j q_j (f*)'(z_j - tau), S' = sum_j q_j (f*)''(z_j - tau), g = (f*)'(z - tau)
+        or a positive multiple of it (the solver uses g only normalised). g may live in ``scratch`` (valid until the next pass)."""
         g, h = self.newton_eval(prepared, tau)
         if isinstance(q, Tensor):
             q = q.expand_as(g)
@@ -307,13 +307,16 @@ class _PowerTail:
     _tail_scale: float  # B
     _tail_power: float  # k
 
-    def _reciprocal_distance(self, z: Tensor, tau: Tensor, scratch: Optional[list], clamp: bool) -> Tensor:
+    def _reciprocal_distance(
+        self, z: Tensor, tau: Tensor, scratch: Optional[list], clamp: bool, scaled: bool = True
+    ) -> Tensor:
+        """r = 1/d, or 1/(d/B) = B r when not ``scaled`` (one pass fewer; the caller rescales)."""
         B = self._tail_scale
         d = torch.sub(tau + 1.0 / B, z, out=scratch_buffer(scratch, 0, z))
-        if B != 1.0:
+        if scaled and B != 1.0:
             d.mul_(B)
         if clamp:
-            d.clamp_(min=B * 1e-7 * max(1.0, 1.0 / B))
+            d.clamp_(min=(B if scaled else 1.0) * 1e-7 * max(1.0, 1.0 / B))
         return d.reciprocal_()
 
     def _tail(self, r: Tensor, scratch: Optional[list]) -> Tensor:
@@ -344,18 +347,24 @@ class _PowerTail:
         if not self._tail_power:
             return super().newton_sums(prepared, tau, q, scratch)
         tensor_q = isinstance(q, Tensor)
-        r = self._reciprocal_distance(prepared, tau, scratch, clamp=tensor_q)
+        k, B = self._tail_power, self._tail_scale
+        # With a moderate k the pass skips d's scaling: r' = B r, g' = B^k g, and the sums take the
+        # constant back (B^-k g' = g; p is normalised, so g' serves as g). A large k (alpha -> 1) would
+        # overflow B^-k: scaled passes then.
+        scaled = B == 1.0 or k > 16
+        c = 1.0 if scaled else B**-k
+        r = self._reciprocal_distance(prepared, tau, scratch, clamp=tensor_q, scaled=scaled)
         g = self._tail(r, scratch)
-        kB = self._tail_power * self._tail_scale
-        # S' = k B sum_j q_j g_j r_j, formed in place over q g (a third buffer) or r (unless r is g)
+        kB = k * (B if scaled else 1.0)  # unscaled: S' = k B^-k sum q g' r'
+        # S' = kB c sum_j q_j g_j r_j, formed in place over q g (a third buffer) or r (unless r is g)
         if tensor_q:
             gq = torch.mul(g, q, out=scratch_buffer(scratch, 2, g))
             S = gq.sum(1)
-            return S, gq.mul_(r).sum(1) * kB, g
+            return S * c, gq.mul_(r).sum(1) * (kB * c), g
         if g is r:  # k = 1: S' = k B |r|^2, a reduction with no product materialised
-            return g.sum(1) * q, torch.linalg.vector_norm(r, dim=1).square_() * (kB * q), g
+            return g.sum(1) * (q * c), torch.linalg.vector_norm(r, dim=1).square_() * (kB * c * q), g
         S = g.sum(1)
-        return S * q, r.mul_(g).sum(1) * (kB * q), g
+        return S * (q * c), r.mul_(g).sum(1) * (kB * c * q), g
 
 
 # ---------------------------------------------------------------------------------------------
@@ -561,10 +570,11 @@ class JensenShannon(FDivergence):
     def newton_prepare(self, z, scratch=None):
         return torch.neg(z, out=scratch_buffer(scratch, PREPARED_SLOT, z)).exp_()
 
-    def _d(self, prepared, tau, scratch=None):
+    def _d(self, prepared, tau, scratch=None, clamp=True):
         out = scratch_buffer(scratch, 0, prepared)
         d = torch.addcmul(prepared.new_full((1, 1), -1.0), prepared, 2 * torch.exp(tau), out=out)
-        return d.clamp_(min=1e-30)  # d > 0 <=> below the pole v < log 2
+        # d > 0 <=> below the pole v < log 2; with a scalar q, tau >= tau_lo gives d >= q (no clamp pass)
+        return d.clamp_(min=1e-30) if clamp else d
 
     def newton_eval(self, prepared, tau):
         g = self._d(prepared, tau).reciprocal_()
@@ -579,7 +589,7 @@ class JensenShannon(FDivergence):
         return torch.log(total).add_(math.log(q / 2))
 
     def newton_sums(self, prepared, tau, q, scratch=None):
-        g = self._d(prepared, tau, scratch).reciprocal_()
+        g = self._d(prepared, tau, scratch, clamp=isinstance(q, Tensor)).reciprocal_()
         if isinstance(q, Tensor):
             gq = torch.mul(g, q, out=scratch_buffer(scratch, 1, g))
             S = gq.sum(1)
@@ -685,6 +695,8 @@ class AlphaDivergence(_PowerTail, FDivergence):
             s = self._power(p, two_minus) if two_minus > 0 else p ** two_minus
         else:
             s = q * self._power(p / q, two_minus) if two_minus > 0 else q * (p / q) ** two_minus
+        if two_minus > 0 and not isinstance(q, Tensor):
+            return s  # p^(2 - alpha) is already 0 at p = 0 (q = 0, 0/0, only comes with a tensor q)
         return torch.where(p > 0, s, torch.zeros_like(s))
 
     def bregman_to_zero(self, u):
