@@ -63,10 +63,14 @@ def _logits(V: int) -> torch.Tensor:
     return x.to(torch.bfloat16).double()
 
 
-@lru_cache(maxsize=None)
 def _oracle_p(name: str, V: int) -> torch.Tensor:
+    return _bisection(_oracle_name(name), V)  # a user-defined generator shares its built-in's oracle
+
+
+@lru_cache(maxsize=None)
+def _bisection(oracle_name: str, V: int) -> torch.Tensor:
     # 100 halvings: the bracket is narrower than 2^50 even for reverse KL at V = 32k (tau ~ V)
-    return reference_bisection(_logits(V), _oracle_name(name), steps=100)
+    return reference_bisection(_logits(V), oracle_name, steps=100)
 
 
 def _oracle_weight(name: str, p: torch.Tensor) -> torch.Tensor:
