@@ -67,6 +67,20 @@ def scratch_buffer(scratch: Optional[list], i: int, like: Tensor) -> Tensor:
     return buf[:n].view(like.shape)
 
 
+def _power(x: Tensor, e: float, out: Optional[Tensor] = None) -> Tensor:
+    """x^e for x >= 0 without a fractional pow where a product or a square root does it (into ``out``
+    when given, which must not alias x; e = 1 returns x itself)."""
+    if e == 1.0:
+        return x
+    if e == 2.0:
+        return torch.mul(x, x, out=out)
+    if e == 0.5:
+        return torch.sqrt(x, out=out)
+    if e == 1.5:  # alpha = 0.5's Jacobian weight, alpha = 1.5's loss term, the k = 1.5 power tail
+        return torch.sqrt(x, out=out).mul_(x)
+    return torch.pow(x, e, out=out)
+
+
 #: the scratch slot of ``newton_prepare``'s output (the passes use slots 0-2), and of the loss
 #: value's per-class terms (:meth:`FDivergence.bregman_row_sum`)
 PREPARED_SLOT = 3
@@ -321,12 +335,7 @@ class _PowerTail:
 
     def _tail(self, r: Tensor, scratch: Optional[list]) -> Tensor:
         k = self._tail_power
-        if k == 1.0:
-            return r
-        out = scratch_buffer(scratch, 1, r)
-        if k == 2.0:
-            return torch.mul(r, r, out=out)
-        return torch.pow(r, k, out=out)
+        return r if k == 1.0 else _power(r, k, out=scratch_buffer(scratch, 1, r))
 
     # a generator whose _tail_power is 0 (alpha > 1) keeps the generic passes
     def newton_eval_grad(self, prepared: Tensor, tau: Tensor, scratch: Optional[list] = None) -> Tensor:
@@ -654,24 +663,12 @@ class AlphaDivergence(_PowerTail, FDivergence):
         base = 1 + self._a1 * self.clip_to_domain(v)
         return torch.clamp(base, min=0)
 
-    @staticmethod
-    def _power(x, e):
-        if e == 2.0:
-            return x * x
-        if e == 1.0:
-            return x
-        if e == 0.5:
-            return torch.sqrt(x)
-        if e == 1.5:  # alpha = 0.5's Jacobian weight and alpha = 1.5's loss term: no fractional pow
-            return torch.sqrt(x).mul_(x)
-        return x**e
-
     def conj_grad(self, v):
-        return self._power(self._base(v), self._exp)
+        return _power(self._base(v), self._exp)
 
     def conj_hess(self, v):
         base = self._base(v)
-        h = self._power(base, self._exp - 1.0)
+        h = _power(base, self._exp - 1.0)
         return torch.where(base > 0, h, torch.zeros_like(h))
 
     def conj_grad_and_hess(self, v):
@@ -687,32 +684,23 @@ class AlphaDivergence(_PowerTail, FDivergence):
 
     def conj(self, v):
         base = self._base(v)
-        return (self._power(base, self.alpha * self._exp) - 1) / self.alpha
+        return (_power(base, self.alpha * self._exp) - 1) / self.alpha
 
     def jacobian_weight(self, p, q):
         two_minus = 2.0 - self.alpha
         if isinstance(q, (int, float)) and q == 1.0:
-            s = self._power(p, two_minus) if two_minus > 0 else p ** two_minus
+            s = _power(p, two_minus) if two_minus > 0 else p ** two_minus
         else:
-            s = q * self._power(p / q, two_minus) if two_minus > 0 else q * (p / q) ** two_minus
+            s = q * _power(p / q, two_minus) if two_minus > 0 else q * (p / q) ** two_minus
         if two_minus > 0 and not isinstance(q, Tensor):
             return s  # p^(2 - alpha) is already 0 at p = 0 (q = 0, 0/0, only comes with a tensor q)
         return torch.where(p > 0, s, torch.zeros_like(s))
 
     def bregman_to_zero(self, u):
-        return self._power(u, self.alpha) / self.alpha if self.alpha != 1.5 else u * torch.sqrt(u) / 1.5
+        return _power(u, self.alpha) / self.alpha
 
     def bregman_row_sum(self, u, scratch=None):
-        a, out = self.alpha, scratch_buffer(scratch, BREGMAN_SLOT, u)
-        if a == 0.5:
-            c = torch.sqrt(u, out=out)
-        elif a == 1.5:
-            c = torch.sqrt(u, out=out).mul_(u)
-        elif a == 2.0:
-            c = torch.mul(u, u, out=out)
-        else:
-            c = torch.pow(u, a, out=out)
-        return c.sum(1) / a
+        return _power(u, self.alpha, out=scratch_buffer(scratch, BREGMAN_SLOT, u)).sum(1) / self.alpha
 
     def __eq__(self, other):
         return isinstance(other, AlphaDivergence) and other.alpha == self.alpha
