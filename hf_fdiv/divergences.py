@@ -115,6 +115,9 @@ class FDivergence:
     #: True when ``bregman_to_zero(0)`` evaluates to the value of a class with p_j = 0 (0, or -inf when
     #: f(0) = +inf): the loss then sums it over every class with no mask pass.
     bregman_zero_safe: bool = False
+    #: True when :meth:`newton_lower_bound` gives a start at least as good as the solver's generic one
+    #: (then the solver skips its own, a pass over the row)
+    own_lower_bound: bool = False
 
     # ---- the generator ---------------------------------------------------------------------
     def f(self, u: Tensor) -> Tensor:
@@ -292,10 +295,23 @@ class _FunctionDivergence(FDivergence):
             return torch.where(v > self.f_prime_zero, self._fpi(v.clamp(min=self.f_prime_zero)), torch.zeros_like(v))
         return self._fpi(v)
 
+    def _hess_at(self, u):
+        """(f*)'' = 1 / f''(u) at u = (f*)'(v), zero where u = 0 (clipped, or an underflow)."""
+        h = torch.reciprocal(self._fs(u))
+        return h.masked_fill_(u <= 0, 0.0)
+
     def conj_hess(self, v):
-        u = self.conj_grad(v)
-        h = 1.0 / self._fs(u)
-        return torch.where(u > 0, h, torch.zeros_like(h))
+        return self._hess_at(self.conj_grad(v))
+
+    def conj_grad_and_hess(self, v):
+        u = self.conj_grad(v)  # the user's (f')^{-1} once per pass, not once per derivative
+        return u, self._hess_at(u)
+
+    def jacobian_weight(self, p, q):
+        # s = q / f''(p / q) straight from the user's f'' (the generic route goes through f' and its inverse)
+        scalar_unit = isinstance(q, (int, float)) and q == 1.0
+        s = self._hess_at(p if scalar_unit else p / q)
+        return s if scalar_unit else s.mul_(q)
 
     def conj(self, v):
         return self._conj(v) if self._conj is not None else super().conj(v)
@@ -574,31 +590,35 @@ class JensenShannon(FDivergence):
     def conj(self, v):
         return -torch.log(2 - torch.exp(self.clip_to_domain(v)))
 
-    # (f*)'(v) = 1 / (2 e^{-v} - 1): with P = e^{-z}, 2 e^{-(z - tau)} = 2 e^{tau} P, so each Newton
-    # pass is a multiply and a reciprocal; (f*)'' = g (1 + g). P = +inf (z << 0) gives g = 0 exactly.
-    def newton_prepare(self, z, scratch=None):
-        return torch.neg(z, out=scratch_buffer(scratch, PREPARED_SLOT, z)).exp_()
+    # (f*)'(v) = e^v / (2 - e^v): with E = e^z (prepared once, in [0, 1] for max-shifted z) and
+    # c = 2 e^tau, g = E / (c - E), so a pass is one subtraction and one division; (f*)'' = g (1 + g).
+    # E = 0 (z << 0 or an excluded class) gives g = 0 exactly.
+    own_lower_bound = True
 
-    def _d(self, prepared, tau, scratch=None, clamp=True):
-        out = scratch_buffer(scratch, 0, prepared)
-        d = torch.addcmul(prepared.new_full((1, 1), -1.0), prepared, 2 * torch.exp(tau), out=out)
-        # d > 0 <=> below the pole v < log 2; with a scalar q, tau >= tau_lo gives d >= q (no clamp pass)
-        return d.clamp_(min=1e-30) if clamp else d
+    def newton_prepare(self, z, scratch=None):
+        return torch.exp(z, out=scratch_buffer(scratch, PREPARED_SLOT, z))
+
+    def _g(self, prepared, tau, scratch=None, clamp=True):
+        d = torch.sub(2 * torch.exp(tau), prepared, out=scratch_buffer(scratch, 0, prepared))
+        # d > 0 <=> below the pole v < log 2; with a scalar q, tau >= tau_lo gives d >= q E (no clamp
+        # pass; d = 2 e^tau > 0 where E = 0)
+        if clamp:
+            d.clamp_(min=1e-30)
+        return torch.div(prepared, d, out=d)
 
     def newton_eval(self, prepared, tau):
-        g = self._d(prepared, tau).reciprocal_()
+        g = self._g(prepared, tau)
         return g, g * (1 + g)
 
     def newton_lower_bound(self, prepared, q, scratch=None):
-        # (f*)'(v) >= e^v / 2, so sum_j q e^(z_j - tau) / 2 >= 1 at tau = log(q/2 sum_j e^z_j): the
-        # log-sum-exp start (tight when the mass is spread), with sum_j e^z_j = sum_j 1/P_j (no exp pass)
+        # (f*)'(v) >= e^v / 2, so sum_j q e^(z_j - tau) / 2 >= 1 at tau = log(q/2 sum_j E_j): the
+        # log-sum-exp start, tight when the mass is spread, and a read of E with nothing written
         if isinstance(q, Tensor):
             return None
-        total = torch.reciprocal(prepared, out=scratch_buffer(scratch, 0, prepared)).sum(1)
-        return torch.log(total).add_(math.log(q / 2))
+        return torch.log(prepared.sum(1)).add_(math.log(q / 2))
 
     def newton_sums(self, prepared, tau, q, scratch=None):
-        g = self._d(prepared, tau, scratch, clamp=isinstance(q, Tensor)).reciprocal_()
+        g = self._g(prepared, tau, scratch, clamp=isinstance(q, Tensor))
         if isinstance(q, Tensor):
             gq = torch.mul(g, q, out=scratch_buffer(scratch, 1, g))
             S = gq.sum(1)
@@ -607,11 +627,12 @@ class JensenShannon(FDivergence):
         return S * q, (S + torch.linalg.vector_norm(g, dim=1).square_()) * q, g
 
     def newton_eval_grad(self, prepared, tau, scratch=None):
-        return self._d(prepared, tau, scratch).reciprocal_()
+        return self._g(prepared, tau, scratch)
 
     def jacobian_weight(self, p, q):
-        s = torch.add(p, q).mul_(p)
-        return s if isinstance(q, (int, float)) and q == 1.0 else s.div_(q)
+        if isinstance(q, (int, float)):
+            return torch.addcmul(p, p, p, value=1.0 / q)  # q u (1 + u) = p + p^2 / q, one pass
+        return torch.add(p, q).mul_(p).div_(q)
 
     def bregman_to_zero(self, u):
         return torch.log1p(u)

@@ -243,7 +243,7 @@ def bracket(z: Tensor, q: Union[float, Tensor], div: FDivergence) -> tuple[Tenso
         lo = torch.full((n,), -div.f_prime_scalar(1.0 / q), dtype=z.dtype, device=z.device)
         hi_value = -div.f_prime_scalar(1.0 / (q * V))
         hi = torch.full((n,), hi_value, dtype=z.dtype, device=z.device)
-        if not div.sparse and newton_policy(div).monotone:
+        if not div.sparse and not div.own_lower_bound and newton_policy(div).monotone:
             # (f*)' is convex for these generators, so by Jensen sum_j q (f*)'(z_j - tau) >=
             # q V (f*)'(mean(z) - tau), which is 1 at tau = mean(z) - f'(1/(qV)): a lower end far closer
             # to the root than -f'(1/q) when V is large (one pass fewer; a -inf logit gives -inf, no-op)
