@@ -337,34 +337,39 @@ class _PowerTail:
     _tail_scale: float  # B
     _tail_power: float  # k
 
-    def _reciprocal_distance(
-        self, z: Tensor, tau: Tensor, scratch: Optional[list], clamp: bool, scaled: bool = True
-    ) -> Tensor:
-        """r = 1/d, or 1/(d/B) = B r when not ``scaled`` (one pass fewer; the caller rescales)."""
+    def _distance(self, z: Tensor, tau: Tensor, scratch: Optional[list], clamp: bool, scaled: bool = True) -> Tensor:
+        """d, or d/B when not ``scaled`` (one pass fewer; the caller rescales), in scratch slot 0."""
         B = self._tail_scale
         d = torch.sub(tau + 1.0 / B, z, out=scratch_buffer(scratch, 0, z))
         if scaled and B != 1.0:
             d.mul_(B)
         if clamp:
             d.clamp_(min=(B if scaled else 1.0) * 1e-7 * max(1.0, 1.0 / B))
-        return d.reciprocal_()
+        return d
 
-    def _tail(self, r: Tensor, scratch: Optional[list]) -> Tensor:
+    def _tail(self, d: Tensor, scratch: Optional[list]) -> Tensor:
+        """g = d^(-k), in slot 1: k = 2 in one pass (torch's pow computes x^-2 as 1 / (x x)) and d kept;
+        otherwise through r = 1/d written over d (k = 1: g is that buffer)."""
         k = self._tail_power
-        return r if k == 1.0 else _power(r, k, out=scratch_buffer(scratch, 1, r))
+        if k == 1.0:
+            return d.reciprocal_()
+        if k == 2.0:
+            return torch.pow(d, -2.0, out=scratch_buffer(scratch, 1, d))
+        return _power(d.reciprocal_(), k, out=scratch_buffer(scratch, 1, d))
 
     # a generator whose _tail_power is 0 (alpha > 1) keeps the generic passes
     def newton_eval_grad(self, prepared: Tensor, tau: Tensor, scratch: Optional[list] = None) -> Tensor:
         if not self._tail_power:
             return super().newton_eval_grad(prepared, tau, scratch)
-        return self._tail(self._reciprocal_distance(prepared, tau, scratch, clamp=True), scratch)
+        return self._tail(self._distance(prepared, tau, scratch, clamp=True), scratch)
 
     def newton_eval(self, prepared: Tensor, tau: Tensor) -> tuple[Tensor, Tensor]:
         if not self._tail_power:
             return super().newton_eval(prepared, tau)
-        r = self._reciprocal_distance(prepared, tau, None, clamp=True)
-        g = self._tail(r, None)
-        return g, (self._tail_power * self._tail_scale) * g * r
+        d = self._distance(prepared, tau, None, clamp=True)
+        g = self._tail(d, None)  # d is 1/d now unless k = 2
+        kB = self._tail_power * self._tail_scale
+        return g, kB * g / d if self._tail_power == 2.0 else kB * g * d
 
     def newton_sums(
         self, prepared: Tensor, tau: Tensor, q, scratch: Optional[list] = None
@@ -373,23 +378,25 @@ class _PowerTail:
             return super().newton_sums(prepared, tau, q, scratch)
         tensor_q = isinstance(q, Tensor)
         k, B = self._tail_power, self._tail_scale
-        # With a moderate k the pass skips d's scaling: r' = B r, g' = B^k g, and the sums take the
+        # With a moderate k the pass skips d's scaling: d' = d / B, g' = B^k g, and the sums take the
         # constant back (B^-k g' = g; p is normalised, so g' serves as g). A large k (alpha -> 1) would
         # overflow B^-k: scaled passes then.
         scaled = B == 1.0 or k > 16
         c = 1.0 if scaled else B**-k
-        r = self._reciprocal_distance(prepared, tau, scratch, clamp=tensor_q, scaled=scaled)
-        g = self._tail(r, scratch)
+        d = self._distance(prepared, tau, scratch, clamp=tensor_q, scaled=scaled)
+        g = self._tail(d, scratch)  # d's buffer holds r = 1/d now unless k = 2 (k = 1: g is r)
         kB = k * (B if scaled else 1.0)  # unscaled: S' = k B^-k sum q g' r'
-        # S' = kB c sum_j q_j g_j r_j, formed in place over q g (a third buffer) or r (unless r is g)
+        # S' = kB c sum_j q_j g_j r_j, formed in place over q g (a third buffer) or d's buffer
         if tensor_q:
             gq = torch.mul(g, q, out=scratch_buffer(scratch, 2, g))
             S = gq.sum(1)
-            return S * c, gq.mul_(r).sum(1) * (kB * c), g
-        if g is r:  # k = 1: S' = k B |r|^2, a reduction with no product materialised
-            return g.sum(1) * (q * c), torch.linalg.vector_norm(r, dim=1).square_() * (kB * c * q), g
+            gq = gq.div_(d) if k == 2.0 else gq.mul_(d)
+            return S * c, gq.sum(1) * (kB * c), g
+        if g is d:  # k = 1: S' = k B sum g^2, a reduction with no product materialised
+            return g.sum(1) * (q * c), torch.linalg.vector_norm(g, dim=1).square_() * (kB * c * q), g
         S = g.sum(1)
-        return S * (q * c), r.mul_(g).sum(1) * (kB * c * q), g
+        gr = torch.div(g, d, out=d) if k == 2.0 else d.mul_(g)
+        return S * (q * c), gr.sum(1) * (kB * c * q), g
 
 
 # ---------------------------------------------------------------------------------------------
