@@ -30,15 +30,31 @@ from .chunked import CHUNK_ELEMENTS, solve_rows_chunked
 from .core import RowSolution, bracket, newton_policy, newton_solve, row_chunks, rows_per_chunk, solve_dtype, solve_kl
 from .reference import RowProvider, bad_reference_rows, reference_at_columns, reference_rows
 
-__all__ = ["solve_rows_batched", "backend_chunk_rows", "BATCHED_CHUNK_ELEMENTS", "BATCHED_TOPK", "BATCHED_PASSES"]
+__all__ = [
+    "solve_rows_batched",
+    "backend_chunk_rows",
+    "BATCHED_CHUNK_ELEMENTS",
+    "BATCHED_TOPK",
+    "BATCHED_PASSES",
+    "BATCHED_NON_MONOTONE_PASSES",
+    "BATCHED_DENSE_PASSES",
+    "BATCHED_DENSE_NON_MONOTONE_PASSES",
+]
 
 #: rows per chunk = BATCHED_CHUNK_ELEMENTS // V: a few fp32 [rows, V] temporaries of 256 MiB at most.
 BATCHED_CHUNK_ELEMENTS = 1 << 26
 #: the support guess for sparse f (measured supports of alpha = 1.5 on randn logits: <= 52).
 BATCHED_TOPK = 64
-#: fixed Newton passes for monotone generators (1-9 needed in fp32, solver.md); others get more.
+#: fixed Newton passes of the searches over top-K columns (sparse f: [rows, K], cheap): monotone
+#: generators need 1-9 in fp32 (solver.md), the others get more.
 BATCHED_PASSES = 12
 BATCHED_NON_MONOTONE_PASSES = 60
+#: fixed passes of the dense searches, each a sweep of the [rows, V] block: from the solver's starts the
+#: built-in dense generators certify every row of 2-5 randn logits in 2-4 passes at V >= 1 000 (reverse
+#: KL 1-2, Hellinger and alpha = 0.5 2-3, JS 4; ``docs/solver.md``); rows that need more (peaked rows
+#: at scale 20+, V = 10) are uncertain and re-solved by the exact path, never wrong.
+BATCHED_DENSE_PASSES = 6
+BATCHED_DENSE_NON_MONOTONE_PASSES = 12
 
 
 def backend_chunk_rows(backend: str, V: int) -> int:
@@ -47,10 +63,13 @@ def backend_chunk_rows(backend: str, V: int) -> int:
     return rows_per_chunk(CHUNK_ELEMENTS if backend == "chunked" else BATCHED_CHUNK_ELEMENTS, V)
 
 
-def _passes(div: FDivergence, max_iter: Optional[int]) -> int:
+def _passes(div: FDivergence, max_iter: Optional[int], dense: bool) -> int:
     if max_iter is not None:
         return max_iter
-    return BATCHED_PASSES if newton_policy(div).monotone else BATCHED_NON_MONOTONE_PASSES
+    monotone = newton_policy(div).monotone
+    if dense:
+        return BATCHED_DENSE_PASSES if monotone else BATCHED_DENSE_NON_MONOTONE_PASSES
+    return BATCHED_PASSES if monotone else BATCHED_NON_MONOTONE_PASSES
 
 
 def _solve_pass(
@@ -73,7 +92,7 @@ def _solve_pass(
     N, V = x.shape
     work_dtype = solve_dtype(div, x.dtype)
     step = rows_per_chunk(chunk_elements or BATCHED_CHUNK_ELEMENTS, V)
-    passes = _passes(div, max_iter)
+    passes = _passes(div, max_iter, dense=topk is None or min(V, topk) >= V)
     lazy_q = isinstance(q, RowProvider)
     scratch: list = []  # the root searches' buffers, shared by every chunk
     for a, b, sel, x_rows in row_chunks(x, rows, step):
