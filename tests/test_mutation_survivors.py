@@ -1,0 +1,189 @@
+"""Tests written for mutants that survived ``make mutation`` (issue 25): each pins a behaviour that no
+other test checked, against an independent oracle (finite differences in fp64, the materialised loss,
+torch's own operators). Tiny shapes: the whole file runs in a few seconds.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_fdiv import f_softargmax
+
+GENERATORS = ["kl", "reverse_kl", "chi2", "squared_hellinger", "js", "alpha:0.5", "alpha:1.5", "alpha:2", "alpha:3"]
+
+
+# ------------------------------------------------------------------ Jacobian with a scalar q != 1
+
+
+@pytest.mark.parametrize("q", [0.5, 2.0])
+@pytest.mark.parametrize("name", GENERATORS)
+def test_gradcheck_with_a_scalar_reference(name, q):
+    """The closed-form Jacobian (each generator's ``jacobian_weight``) with a number as the reference:
+    finite differences in fp64. q = 1 and tensor q are the other tests' cases; a scalar q takes its own
+    branch in several generators (q = 2 as well as q = 0.5, so that no comparison with a constant is
+    left unchecked)."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(2, 6, generator=g, dtype=torch.float64) * 1.5).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: f_softargmax(t, name, q), (x,), eps=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------ fused LM head: paths of _fit_chunk
+
+
+def head_problem(N=24, H=6, V=160, flat=(), seed=0, dtype=torch.float64):
+    """Hidden states, head, bias, targets. Rows in ``flat`` get near-zero hidden states: their logits
+    are the (nearly flat) bias, so alpha = 1.5 supports span most of the V classes (more than the
+    sync-free backend's top-K guess, and more than the CPU backend's sparse fraction)."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, H, generator=g, dtype=dtype) * 3
+    h[list(flat)] *= 1e-3
+    W = torch.randn(V, H, generator=g, dtype=dtype)
+    b = torch.randn(V, generator=g, dtype=dtype) * 0.01
+    t = torch.randint(0, V, (N,), generator=g)
+    return h, W, b, t
+
+
+def materialised_loss(h, W, b, target, name, scale=1.0, **kw):
+    """The loss on the materialised logits (autograd through h W^T + b), CPU backend."""
+    from hf_fdiv import fdiv_loss
+
+    z = (h @ W.T + (0 if b is None else b)) * scale
+    return fdiv_loss(z, target, name, reduction="sum", **kw)
+
+
+def fused_and_materialised(monkeypatch, backend, h, W, b, target, name, transform, soft=None, **kw):
+    """(fused loss, its grads) on ``backend`` and (materialised loss, its grads) on the CPU backend."""
+    from hf_fdiv.fused import fused_linear_fdiv_loss
+    from hf_fdiv.solver import RowProvider
+
+    ref = [x.clone().requires_grad_() for x in (h, W, b)]
+    got = [x.clone().requires_grad_() for x in (h, W, b)]
+    monkeypatch.setenv("HF_FDIV_SOLVER", "chunked")
+    want = materialised_loss(*ref, target if soft is None else soft, name, transform.scale)
+    want.backward()
+    monkeypatch.setenv("HF_FDIV_SOLVER", backend)
+    if soft is None:
+        loss = fused_linear_fdiv_loss(got[0], got[1], target, name, bias=got[2], transform=transform, **kw)
+    else:
+        rows = torch.arange(h.shape[0])
+        loss = fused_linear_fdiv_loss(got[0], got[1], RowProvider(lambda r: soft[r]), name, bias=got[2],
+                                      transform=transform, rows=rows, **kw)
+    loss.backward()
+    return (loss, [x.grad for x in got]), (want, [x.grad for x in ref])
+
+
+def assert_same(fused, materialised, tol=1e-9):
+    (loss, grads), (want, want_grads) = fused, materialised
+    assert abs(float(loss) - float(want)) <= tol * max(1.0, abs(float(want)))
+    for got, ref in zip(grads, want_grads):
+        torch.testing.assert_close(got, ref, atol=1e-8, rtol=1e-7)
+
+
+FLAT = tuple(range(0, 24, 2))  # 12 flat rows, spread over every token chunk
+
+
+@pytest.mark.parametrize("scale", [0.5, 2.0])
+def test_fused_sync_free_uncertain_rows_equal_materialised(monkeypatch, scale):
+    """The sync-free backend leaves rows whose support exceeds its top-K guess out of the first sweep
+    (no loss, no gradient) and re-solves them exactly after the last token chunk: 12 such rows spread
+    over 3 token chunks of 8 (so the re-solve also takes several chunks), under a scale-only logit
+    transform (a [n, 1] derivative). Loss and gradients must equal the materialised loss's."""
+    from hf_fdiv.fused import LogitTransform
+
+    h, W, b, t = head_problem(flat=FLAT)
+    transform = LogitTransform(scale=scale)
+    fused, want = fused_and_materialised(monkeypatch, "batched", h, W, b, t, "alpha:1.5", transform,
+                                         chunk_elements=8 * W.shape[0])
+    assert_same(fused, want)
+
+
+def test_fused_sync_free_uncertain_rows_soft_targets(monkeypatch):
+    """The same with target distributions (a RowProvider): the dense p - y rows of the first sweep,
+    where the uncertain rows must contribute nothing until they are re-solved."""
+    from hf_fdiv.fused import LogitTransform
+
+    h, W, b, t = head_problem(flat=FLAT, seed=1)
+    g = torch.Generator().manual_seed(2)
+    y = torch.softmax(torch.randn(h.shape[0], W.shape[0], generator=g, dtype=torch.float64) * 2, -1)
+    fused, want = fused_and_materialised(monkeypatch, "batched", h, W, b, t, "alpha:1.5", LogitTransform(2.0),
+                                         soft=y, chunk_elements=8 * W.shape[0])
+    assert_same(fused, want)
+
+
+def test_fused_sync_free_skips_nonfinite_and_uncertain_rows(monkeypatch):
+    """skip_nonfinite on the sync-free backend: a row with an inf hidden state contributes nothing, the
+    uncertain rows are counted once (after their re-solve). Loss only: the materialised gradient of an
+    inf row is NaN (0 * inf)."""
+    from hf_fdiv.fused import fused_linear_fdiv_loss
+
+    h, W, b, t = head_problem(flat=FLAT, seed=3)
+    h[5, 0] = float("inf")
+    h[6, 1] = float("nan")
+    monkeypatch.setenv("HF_FDIV_SOLVER", "chunked")
+    want = materialised_loss(h, W, b, t, "alpha:1.5", skip_nonfinite=True)
+    monkeypatch.setenv("HF_FDIV_SOLVER", "batched")
+    got = fused_linear_fdiv_loss(h, W, t, "alpha:1.5", bias=b, skip_nonfinite=True, chunk_elements=8 * W.shape[0])
+    assert torch.isfinite(want)
+    assert abs(float(got) - float(want)) <= 1e-9 * max(1.0, abs(float(want)))
+
+
+@pytest.mark.parametrize("grads", [True, False])
+def test_fused_cpu_token_chunk_of_several_solves(monkeypatch, grads):
+    """On the CPU backend a token chunk is solved in several cache-sized solves (here 4 rows each); an
+    alpha = 1.5 solve of flat rows falls back to dense p while its neighbours keep a sparse support,
+    so one token chunk mixes sparse pushes and a partial dense push. Loss (and gradients) equal the
+    materialised loss's; without gradients only the loss sum is formed."""
+    from hf_fdiv.fused import LogitTransform, fused_linear_fdiv_loss
+    from hf_fdiv.solver import chunked
+
+    flat = (0, 1, 2, 3, 12, 13, 14, 15)
+    h, W, b, t = head_problem(flat=flat, seed=4)
+    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 4 * W.shape[0])
+    if grads:
+        fused, want = fused_and_materialised(monkeypatch, "chunked", h, W, b, t, "alpha:1.5", LogitTransform(),
+                                             chunk_elements=12 * W.shape[0])
+        assert_same(fused, want)
+    else:
+        monkeypatch.setenv("HF_FDIV_SOLVER", "chunked")
+        want = materialised_loss(h, W, b, t, "alpha:1.5")
+        with torch.no_grad():
+            got = fused_linear_fdiv_loss(h, W, t, "alpha:1.5", bias=b, chunk_elements=12 * W.shape[0])
+        assert abs(float(got) - float(want)) <= 1e-9 * max(1.0, abs(float(want)))
+
+
+def test_fused_bf16_head_on_cpu(monkeypatch):
+    """A bf16 LM head on CPU is cast to fp32 once: loss (fp32, as documented) and gradients equal the
+    materialised fp32 loss on the same bf16 weights; the weight gradient comes back in bf16."""
+    from hf_fdiv.fused import fused_linear_fdiv_loss
+
+    monkeypatch.setenv("HF_FDIV_SOLVER", "chunked")
+    h, W, _, t = head_problem(N=12, dtype=torch.float32, seed=5)
+    Wb = W.to(torch.bfloat16)
+    ref_h, ref_W = h.clone().requires_grad_(), Wb.float().requires_grad_()
+    want = materialised_loss(ref_h, ref_W, None, t, "alpha:1.5")
+    want.backward()
+    got_h, got_W = h.clone().requires_grad_(), Wb.clone().requires_grad_()
+    loss = fused_linear_fdiv_loss(got_h, got_W, t, "alpha:1.5")
+    loss.backward()
+    assert loss.dtype == torch.float32 and got_W.grad.dtype == torch.bfloat16
+    assert abs(float(loss) - float(want)) <= 1e-5 * max(1.0, abs(float(want)))
+    torch.testing.assert_close(got_h.grad, ref_h.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got_W.grad, ref_W.grad.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("name", ["alpha:1.5", "kl"])
+def test_fused_frozen_head_gives_the_hidden_gradient(monkeypatch, name):
+    """Only the hidden states need a gradient (a frozen LM head, as with adapters): it must still be the
+    materialised one, and the fp32 loss stays fp32."""
+    from hf_fdiv.fused import fused_linear_fdiv_loss
+
+    monkeypatch.setenv("HF_FDIV_SOLVER", "chunked")
+    h, W, b, t = head_problem(N=10, dtype=torch.float32, seed=6)
+    ref_h, got_h = h.clone().requires_grad_(), h.clone().requires_grad_()
+    want = materialised_loss(ref_h, W, b, t, name)
+    want.backward()
+    loss = fused_linear_fdiv_loss(got_h, W, t, name, bias=b)
+    loss.backward()
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(got_h.grad, ref_h.grad, atol=1e-5, rtol=1e-4)
