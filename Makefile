@@ -21,7 +21,7 @@ ORACLE_TESTS ?= tests/test_solver.py tests/test_losses.py tests/test_fused.py \
 	tests/test_trainers.py::test_fdiv_trainer_kl_reproduces_stock_trainer \
 	tests/test_trainers.py::test_fdiv_sft_trainer_kl_reproduces_stock_sft
 
-.PHONY: venv dev dist demo-deps demo test test-lowest test-distributed test-soak test-cuda mutation bench gpu-bench clean
+.PHONY: venv dev dist demo-deps demo test test-slow test-lowest test-distributed test-soak test-cuda mutation bench gpu-bench clean
 
 # torch first, alone: pip then takes the local CPU wheel (never a CUDA build).
 define make_venv
@@ -53,12 +53,18 @@ dist: $(TEST_STAMP)
 	$(TEST_PY) -m build --outdir $(DIST) .
 	$(TEST_VENV)/bin/twine check --strict $(DIST)/*
 
-# The whole suite against the installed wheel (pytest's console script: the checkout is not on sys.path).
-# The DeepSpeed tests (marker `distributed`) are left to `make test-distributed`.
+# The suite against the installed wheel (pytest's console script: the checkout is not on sys.path).
+# The DeepSpeed tests (marker `distributed`) are left to `make test-distributed`, the long ones (marker
+# `slow`: training-quality runs, the other multi-process engines, tiny-mode studies) to `make test-slow`.
 test: dist
 	$(TEST_PY) -m pip install --quiet --no-deps --force-reinstall $(DIST)/*.whl
-	$(TEST_VENV)/bin/pytest -q -m "not distributed" --durations=20 tests
+	$(TEST_VENV)/bin/pytest -q -m "not distributed and not slow" --durations=20 tests
 	$(MAKE) --no-print-directory test-lowest
+
+# The `slow` tests against the same installed wheel (about 6 min on 2 cores; not part of `make test`).
+test-slow: dist
+	$(TEST_PY) -m pip install --quiet --no-deps --force-reinstall $(DIST)/*.whl
+	$(TEST_VENV)/bin/pytest -q -m "slow and not distributed" --durations=20 tests
 
 $(LOWEST_STAMP): requirements-lowest.txt
 	$(call make_venv,$(LOWEST_VENV))

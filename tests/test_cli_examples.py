@@ -49,6 +49,7 @@ def test_cli_sft_and_help(tiny, tmp_path):
     assert "`alpha:2`" in ModelCard.load(str(tmp_path / "sft_yaml" / "README.md")).text
 
 
+@pytest.mark.slow
 def test_cli_distill_online_offline_and_topk(tiny, tmp_path):
     run(cli("distill", "--model_name_or_path", str(tiny / "student"), "--teacher_model_name_or_path",
             str(tiny / "teacher"), "--dataset_name", str(tiny / "data"), "--output_dir", str(tmp_path / "d"),
@@ -68,6 +69,7 @@ def test_cli_errors():
     assert proc.returncode == 2 and "unknown command 'bogus'" in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script,extra", [
     ("examples/sft.py", []),
     ("examples/sft_lora.py", ["--lora_target_modules", "q_proj", "v_proj"]),

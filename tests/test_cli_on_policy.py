@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 from huggingface_hub import ModelCard
 
 from test_cli_examples import PY, run, tiny  # noqa: F401  (the tiny assets fixture)
@@ -36,6 +37,7 @@ def test_cli_distill_on_policy(tiny, tmp_path):  # noqa: F811
     assert card.data.library_name == "peft" and "`reference`" in card.text and "`kl`" in card.text
 
 
+@pytest.mark.slow
 def test_on_policy_study_tiny_mode(tmp_path):
     run([PY, "examples/on_policy_study.py", "--tiny", "--output_dir", str(tmp_path)])
     summary = json.loads((tmp_path / "results.json").read_text())

@@ -54,6 +54,7 @@ def _faults_per_round(tune: str, aslr: bool = True) -> tuple[str, float]:
     return tuned, float(faults)
 
 
+@pytest.mark.slow
 def test_untuned_allocator_faults_every_round_in_some_processes():
     # the pages of 4 x 8 MiB freed temporaries (8 192), faulted in again every round, in most layouts
     # (without randomisation nearly always; a process may still draw a layout that reuses them)

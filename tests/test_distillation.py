@@ -146,6 +146,7 @@ def logits_pair(student, teacher, ids, mask):
     return s, t
 
 
+@pytest.mark.slow
 def test_target_mode_student_gets_closer_to_teacher(tok, tmp_path, trained_teacher):
     teacher, train, held_out = trained_teacher
     ids, mask, labels = held_out_batch(tok, held_out)
@@ -168,6 +169,7 @@ def test_target_mode_student_gets_closer_to_teacher(tok, tmp_path, trained_teach
     assert after[1] < 0.6 * before[1], (before, after)  # divergence to the teacher down
 
 
+@pytest.mark.slow
 def test_reference_mode_combined_predictor_beats_teacher(tok, tmp_path, trained_teacher):
     teacher, train, held_out = trained_teacher
     ids, mask, labels = held_out_batch(tok, held_out)

@@ -125,6 +125,7 @@ def test_compute_metrics_hook():
     assert out == pytest.approx(want)
 
 
+@pytest.mark.slow
 def test_study_tiny_mode(tmp_path):
     pytest.importorskip("chatterbot_corpus", reason="the study reads the chatterbot-corpus wheel")
     proc = launch([sys.executable, "examples/study.py", "--tiny", "--output_dir", tmp_path], timeout=600)

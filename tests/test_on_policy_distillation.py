@@ -122,6 +122,7 @@ def test_batch_8_ga_1_equals_batch_4_ga_2(tok, tmp_path):
 # --------------------------------------------------------------------------------- alpha = 1.5 learns
 
 
+@pytest.mark.slow
 def test_alpha_15_trains_and_agreement_with_teacher_rises(tok, tmp_path, trained_teacher):
     teacher, prompts = trained_teacher
     ids = tok(prompts, return_tensors="pt", padding=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import sys
 
+import pytest
 import torch
 
 from launch import accelerate_launch, launch
@@ -24,6 +25,7 @@ def result(out, engine: str) -> dict:
     return torch.load(path, weights_only=False)
 
 
+@pytest.mark.slow
 def test_fsdp2_two_processes_equal_one_process(tmp_path):
     from tiny import make_model, make_tokenizer
 

@@ -208,7 +208,7 @@ def test_teacher_inputs_follow_the_teacher(tok, tmp_path):
 # --------------------------------------------------------------------------------- distributed
 
 
-@pytest.mark.parametrize("which", ["sft", "distill"])
+@pytest.mark.parametrize("which", ["sft", pytest.param("distill", marks=pytest.mark.slow)])
 def test_two_processes_equal_one_process_on_the_doubled_batch(tmp_path, which):
     # a 1-step tiny run takes ~20 s on 2 loaded cores: 120 s, then every rank's stacks and all killed
     two_processes = launch(accelerate_launch("cpu_2proc.yaml", WORKER, tmp_path, which, 4), timeout=120)
@@ -297,6 +297,7 @@ def test_vocabulary_of_262144():
                                entmax.Entmax15Loss(k=None, reduction="none")(x, t), atol=1e-10, rtol=0)
 
 
+@pytest.mark.slow
 def test_tokens_times_vocab_beyond_2_pow_31_fused():
     # 8192 tokens x 262144 classes = 2^31 logits, never materialised; spot-check rows against the
     # materialised loss of those rows (any int32 offset overflow would scramble far rows).

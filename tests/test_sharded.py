@@ -37,11 +37,11 @@ _deepspeed = [
 ]
 #: engine -> (accelerate config, accelerate's distributed type, pytest marks)
 ENGINES = {
-    "ddp": ("cpu_2proc.yaml", "MULTI_CPU", []),
-    "fsdp1_orig": ("cpu_fsdp1.yaml", "FSDP", []),            # FSDP1, use_orig_params: true
-    "fsdp1_flat": ("cpu_fsdp1_flat.yaml", "FSDP", []),       # FSDP1, use_orig_params: false
+    "ddp": ("cpu_2proc.yaml", "MULTI_CPU", [pytest.mark.slow]),
+    "fsdp1_orig": ("cpu_fsdp1.yaml", "FSDP", [pytest.mark.slow]),            # FSDP1, use_orig_params: true
+    "fsdp1_flat": ("cpu_fsdp1_flat.yaml", "FSDP", [pytest.mark.slow]),       # FSDP1, use_orig_params: false
     "fsdp2": ("cpu_fsdp2.yaml", "FSDP", []),                 # accelerate's fully_shard wrapping
-    "fsdp2_manual": ("cpu_fsdp2_manual.yaml", "FSDP", []),   # fully_shard by hand, root resharded
+    "fsdp2_manual": ("cpu_fsdp2_manual.yaml", "FSDP", [pytest.mark.slow]),   # fully_shard by hand, root resharded
     "zero2": ("cpu_zero2.yaml", "DEEPSPEED", _deepspeed),
     "zero3": ("cpu_zero3.yaml", "DEEPSPEED", _deepspeed),
     "zero3_init": ("cpu_zero3_init.yaml", "DEEPSPEED", _deepspeed),  # zero3_init_flag + from_pretrained
