@@ -56,6 +56,7 @@ GROUPS = {
             "tests/test_backward_twice.py",
             "tests/test_fused.py",
             "tests/test_pinned_behaviours.py",
+            "tests/test_mutation_survivors.py",
             # finite-difference gradchecks: 90 % of these files' time; the gradients are also pinned in
             # closed form (p - y, entmax_bisect's alpha gradients, the fused = materialised gradients)
             "--deselect=tests/test_learnable_alpha.py::test_gradcheck_loss",
