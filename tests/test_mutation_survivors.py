@@ -278,3 +278,59 @@ def test_fused_backend_and_default_chunk(monkeypatch, env, backend, elements):
     assert seen[: 24 // rows] == [(rows, backend)] * (24 // rows)
     monkeypatch.setenv("HF_FDIV_SOLVER", "chunked")
     torch.testing.assert_close(got, materialised_loss(h, W, b, t, "alpha:1.5"), atol=1e-10, rtol=1e-10)
+
+
+# ------------------------------------------------------------------ sync-free backend
+
+
+def test_batched_max_iter_is_the_pass_count_and_defaults_certify_common_rows():
+    """On the sync-free backend ``max_iter`` is the fixed number of passes: one pass certifies almost no
+    row; the default counts (by generator: monotone Newton or not) certify every common row, alpha = 3
+    (not monotone) included, so no row needs the exact re-solve."""
+    from hf_fdiv.divergences import get_divergence
+    from hf_fdiv.solver import solve_rows
+
+    x = torch.randn(64, 300, generator=torch.Generator().manual_seed(0)) * 3
+
+    def uncertain(name, max_iter):
+        sols = solve_rows(x, 1.0, get_divergence(name), backend="batched", resolve=False, max_iter=max_iter)
+        return sum(int(sol.uncertain.sum()) for sol in sols)
+
+    for name in ["alpha:3", "alpha:1.5", "js"]:
+        assert uncertain(name, None) == 0
+        assert uncertain(name, 1) > 0
+
+
+@pytest.mark.parametrize("name", ["alpha:1.5", "js", "alpha:0.5"])
+def test_batched_zero_reference_excludes_classes(monkeypatch, name):
+    """A [V] prior with zeros (and ones) on the sync-free backend: the zero classes get p = 0 exactly and
+    the rest is the fp64 bisection's solution."""
+    from oracles import reference_bisection
+
+    monkeypatch.setenv("HF_FDIV_SOLVER", "batched")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 12, generator=g, dtype=torch.float64) * 2
+    q = torch.rand(12, generator=g, dtype=torch.float64) + 0.2
+    q[[0, 5]] = 0.0
+    q[[1, 7]] = 1.0
+    x[:, 0] += 5.0  # an excluded class with the largest logit
+    p = f_softargmax(x, name, q)
+    assert bool((p[:, [0, 5]] == 0).all())
+    torch.testing.assert_close(p, reference_bisection(x, name, q), atol=1e-8, rtol=0)
+
+
+def test_batched_negative_computed_reference_on_a_clipped_class_raises(monkeypatch):
+    """A RowProvider reference with a negative entry raises on the sync-free backend too, even where
+    that class is clipped (p = 0) and the row's solve would otherwise be certified."""
+    from hf_fdiv.divergences import get_divergence
+    from hf_fdiv.losses import fdiv_loss_rows
+    from hf_fdiv.solver import RowProvider
+
+    monkeypatch.setenv("HF_FDIV_SOLVER", "batched")
+    x = torch.randn(4, 100, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    x[2, 4] = -50.0  # outside the top-K guess: the row is certified from its top K entries alone
+    q = torch.ones(4, 100, dtype=torch.float64)
+    q[2, 4] = -0.5
+    t = torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match="negative, NaN or inf"):
+        fdiv_loss_rows(x, t, RowProvider(lambda r: q[r]), get_divergence("alpha:1.5"))
