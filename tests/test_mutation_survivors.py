@@ -334,3 +334,21 @@ def test_batched_negative_computed_reference_on_a_clipped_class_raises(monkeypat
     t = torch.zeros(4, dtype=torch.long)
     with pytest.raises(ValueError, match="negative, NaN or inf"):
         fdiv_loss_rows(x, t, RowProvider(lambda r: q[r]), get_divergence("alpha:1.5"))
+
+
+# ------------------------------------------------------------------ small reference entries
+
+
+@pytest.mark.parametrize("name, q0", [("reverse_kl", 1.1e-7), ("alpha:0.5", 2e-14), ("squared_hellinger", 2e-14)])
+@pytest.mark.parametrize("backend", ["chunked", "batched"])
+def test_tiny_reference_entry_on_the_dominant_class(monkeypatch, name, q0, backend):
+    """Generators with a pole (p_j = q_j d_j^(-k), d_j the distance of z_j - tau from the pole): a
+    [V] prior entry q0 this small on a class 10 logits above the rest puts the solution at
+    d0 ~ 1.5e-7 from the pole, just above the guard that keeps d away from it. fp64 p must be the fp64
+    bisection's (a guard twice as wide moves p0 from 0.75 to ~0.55)."""
+    from oracles import reference_bisection
+
+    monkeypatch.setenv("HF_FDIV_SOLVER", backend)
+    x = torch.tensor([[10.0, 0.0, -1.0, 0.5]], dtype=torch.float64)
+    q = torch.tensor([q0, 1.0, 0.5, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(f_softargmax(x, name, q), reference_bisection(x, name, q), atol=1e-8, rtol=0)
