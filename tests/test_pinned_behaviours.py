@@ -530,3 +530,79 @@ def test_row_stats_equal_the_solution_and_mark_skipped_and_ignored_rows(monkeypa
     assert float(stats.support[5]) == 0 and float(stats.entropy[5]) == 0 and int(stats.pred[5]) == -1
     assert stats.solved.tolist() == [True, True, False, True, True, False, True, True]
     assert stats.skipped.tolist() == [False] * 5 + [True, False, False]
+
+
+# ------------------------------------------------------------------------ on-policy generation
+
+
+def test_on_policy_completions_are_the_stock_sampler_from_the_same_prompts(tok, tmp_path):
+    """lmbda > 0 replaces each completion by one the student samples: the prompt (the tokens before the
+    row's first label; the whole row when it has none; at least one token) left-padded, sampled by
+    ``model.generate`` at ``generation_temperature`` from the full distribution (top_k = 0, top_p = 1),
+    cut after the first EOS. Oracle: the stock ``generate`` on prompts built here, from the same seed."""
+    cfg = dict(SFT_COMMON, per_device_train_batch_size=4, max_steps=1, lmbda=1.0, max_new_tokens=24,
+               generation_temperature=50.0)
+    tr = FDivDistillationTrainer(model=make_model(tok), teacher_model=make_model(tok, hidden=32, seed=1),
+                                 processing_class=tok, args=FDivDistillationConfig(output_dir=str(tmp_path), **cfg),
+                                 train_dataset=messages_dataset(4))
+    batch = first_batch(tr)
+    ids, labels, mask = batch["input_ids"], batch["labels"].clone(), batch["attention_mask"]
+    labels[1] = -100  # no target: the whole row is the prompt
+    labels[2, : int(mask[2].sum())] = ids[2, : int(mask[2].sum())]  # target from position 0: a 1-token prompt
+    batch["labels"] = labels
+    prompts = []
+    for i in range(ids.shape[0]):
+        n = int(mask[i].sum())
+        targets = [j for j in range(ids.shape[1]) if int(labels[i, j]) != -100]
+        prompts.append(ids[i, : max(1, targets[0] if targets else n)].tolist())
+    L = max(map(len, prompts))
+    p_ids = torch.tensor([[tok.pad_token_id] * (L - len(p)) + p for p in prompts])
+    p_mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts])
+    model = tr.model
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model.eval()
+        with torch.no_grad():
+            out = model.generate(input_ids=p_ids, attention_mask=p_mask, max_new_tokens=24, do_sample=True,
+                                 temperature=50.0, top_k=0, top_p=1.0, pad_token_id=tok.pad_token_id,
+                                 eos_token_id=tok.eos_token_id)
+        torch.manual_seed(seed)
+        new = tr._generate_on_policy(dict(batch))
+        saw_eos = False
+        for i, p in enumerate(prompts):
+            completion = out[i, L:].tolist()
+            if tok.eos_token_id in completion:
+                completion = completion[: completion.index(tok.eos_token_id) + 1]
+                saw_eos = saw_eos or len(completion) < 24
+            n = len(p) + len(completion)
+            assert new["input_ids"][i, :n].tolist() == p + completion
+            assert new["labels"][i, :n].tolist() == [-100] * len(p) + completion
+            assert bool((new["labels"][i, n:] == -100).all())
+        if saw_eos:
+            break
+    assert saw_eos  # some completion stopped at an EOS before max_new_tokens
+    # sampled, not greedy: four copies of one prompt do not all get the same completion
+    same = dict(batch, input_ids=ids[[0] * 4], labels=batch["labels"][[0] * 4], attention_mask=mask[[0] * 4])
+    torch.manual_seed(0)
+    rows = tr._generate_on_policy(same)["input_ids"].tolist()
+    assert len({tuple(r) for r in rows}) > 1
+
+
+def test_add_teacher_topk_accepts_k_from_1_to_V(tok):
+    """k = 1 stores the teacher's argmax and its log-probability (oracle: log_softmax of the teacher's
+    own logits); k = 0 and k = V + 1 are refused."""
+    from datasets import Dataset
+
+    teacher = make_model(tok, hidden=32, seed=1)
+    seqs = [tok("the cat sat.")["input_ids"], tok("hi")["input_ids"]]
+    ds = add_teacher_topk(Dataset.from_dict({"input_ids": seqs}), teacher, k=1, pad_token_id=tok.pad_token_id)
+    for s, ids, lps in zip(seqs, ds[TOPK_IDS], ds[TOPK_LOGPROBS]):
+        with torch.no_grad():
+            lp = torch.log_softmax(teacher(input_ids=torch.tensor([s])).logits[0].double(), -1)
+        assert [row[0] for row in ids] == lp.argmax(-1).tolist()
+        torch.testing.assert_close(torch.tensor([row[0] for row in lps], dtype=torch.float64), lp.amax(-1),
+                                   atol=1e-5, rtol=0)
+    V = teacher.get_output_embeddings().weight.shape[0]
+    for k in (0, V + 1):
+        with pytest.raises(ValueError, match="k must be in"):
+            add_teacher_topk(Dataset.from_dict({"input_ids": seqs}), teacher, k=k)
