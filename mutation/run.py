@@ -210,28 +210,45 @@ def show_survivors(group: str, survivors: list) -> None:
 
 
 def report(groups: list, min_kill_rate: float, seconds: float) -> int:
-    equivalent = read_equivalents()
+    """Kill rate of the non-equivalent mutants, per group and overall. Lines of equivalent.txt whose reason
+    starts with ``cuda-only:`` name mutants that only a CUDA device can tell apart (the CPU suite cannot
+    run that code): left out of the rate like the equivalent ones, but counted and printed apart. Lines
+    starting with ``open:`` are known survivors (e.g. blocked by a bug in the source): counted as not
+    killed, printed with their reason instead of their diff."""
+    listed = read_equivalents()
+    cuda_only = {k for k, why in listed.items() if why.startswith("cuda-only:")}
+    known_open = {k: why for k, why in listed.items() if why.startswith("open:")}
+    equivalent = {k for k in listed if k not in cuda_only and k not in known_open}
     status = {}
     for g in groups:
         status.update({k: (g, s) for k, s in results(g).items()})
-    total = len(status)
-    listed = [k for k in status if k in equivalent]
-    counted = {k: v for k, v in status.items() if k not in equivalent}
+    counted = {k: v for k, v in status.items() if k not in equivalent and k not in cuda_only}
     killed = sum(s in KILLED for _, s in counted.values())
     survivors = sorted(k for k, (_, s) in counted.items() if s not in KILLED)
     rate = 100.0 * killed / max(1, len(counted))
-    checked = [k for k, (_, s) in counted.items() if s != "not checked"]
-    print(f"\nmutation: {total} mutants in {', '.join(groups)}; {len(listed)} listed equivalent "
-          f"(mutation/equivalent.txt); {killed} of {len(counted)} others killed = {rate:.1f} % "
-          f"({seconds / 60:.1f} min); of the {len(checked)} checked so far, {100.0 * killed / max(1, len(checked)):.1f} %")
-    stale = sorted(set(equivalent) - set(status))
+    print(f"\nmutation ({seconds / 60:.1f} min): {len(status)} mutants in {', '.join(groups)}; listed in "
+          f"mutation/equivalent.txt: {sum(k in equivalent for k in status)} equivalent, "
+          f"{sum(k in cuda_only for k in status)} CUDA-only, {sum(k in known_open for k in status)} open")
+    for g in groups:
+        mine = {k: s for k, (gg, s) in counted.items() if gg == g}
+        g_killed = sum(s in KILLED for s in mine.values())
+        print(f"  {g}: {g_killed} of {len(mine)} non-equivalent mutants killed = "
+              f"{100.0 * g_killed / max(1, len(mine)):.1f} %")
+    with_cuda = killed / max(1, len(counted) + sum(k in cuda_only for k in status))
+    print(f"  all: {killed} of {len(counted)} = {rate:.1f} % ({100.0 * with_cuda:.1f} % counting the CUDA-only "
+          "mutants as survivors)")
+    stale = sorted(set(listed) - set(status))
     if stale and len(groups) == len(GROUPS):
         print(f"equivalent.txt names {len(stale)} mutant(s) that no longer exist: {', '.join(stale)}")
     unchecked = [k for k in survivors if status[k][1] == "not checked"]
     if unchecked:
         print(f"{len(unchecked)} mutant(s) not checked yet (an interrupted run): run make mutation again.")
+    for k in survivors:
+        if k in known_open:
+            print(f"  open ({status[k][1]}): {k}  {known_open[k]}")
     for g in groups:
-        show_survivors(g, [(k, status[k][1]) for k in survivors if status[k][0] == g and status[k][1] != "not checked"])
+        show_survivors(g, [(k, status[k][1]) for k in survivors
+                           if status[k][0] == g and status[k][1] != "not checked" and k not in known_open])
     if rate < min_kill_rate:
         print(f"kill rate {rate:.1f} % < {min_kill_rate} %: write the missing tests, or list the mutant in "
               "mutation/equivalent.txt with why no test can kill it.")
