@@ -352,3 +352,65 @@ def test_tiny_reference_entry_on_the_dominant_class(monkeypatch, name, q0, backe
     x = torch.tensor([[10.0, 0.0, -1.0, 0.5]], dtype=torch.float64)
     q = torch.tensor([q0, 1.0, 0.5, 1.0], dtype=torch.float64)
     torch.testing.assert_close(f_softargmax(x, name, q), reference_bisection(x, name, q), atol=1e-8, rtol=0)
+
+
+# ------------------------------------------------------------------ user-defined generators
+
+
+class _SubclassedKL:
+    """KL written as a plain FDivergence subclass (only f, f', (f*)', (f*)''): every other method is the
+    base class's generic one."""
+
+    @staticmethod
+    def make():
+        from hf_fdiv.divergences import FDivergence
+
+        class SubclassedKL(FDivergence):
+            name = "subclassed_kl"
+            f_prime_zero = -float("inf")
+            f_prime_inf = float("inf")
+            f_zero = 1.0
+
+            def f(self, u):
+                return torch.xlogy(u, u) - u + 1
+
+            def f_prime(self, u):
+                return torch.log(u)
+
+            def conj_grad(self, v):
+                return torch.exp(v)
+
+            def conj_hess(self, v):
+                return torch.exp(v)
+
+        return SubclassedKL()
+
+
+def _from_functions_kl():
+    from hf_fdiv.divergences import FDivergence
+
+    return FDivergence.from_functions("kl_from_functions", lambda u: torch.xlogy(u, u) - u + 1, torch.log, torch.exp,
+                                      lambda u: 1 / u)
+
+
+@pytest.mark.parametrize("make", [_SubclassedKL.make, _from_functions_kl])
+@pytest.mark.parametrize("reference", ["prior", 0.5, 2.0])
+def test_user_generators_gradient_and_loss_equal_the_builtin_kl(make, reference):
+    """A user-defined KL (subclass with the generic methods; from_functions) against the built-in KL:
+    the same f-softargmax, the same loss value, and its Jacobian by finite differences (fp64), with a
+    prior that excludes a class and with scalar references other than 1."""
+    from hf_fdiv import fdiv_loss
+
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(3, 6, generator=g, dtype=torch.float64) * 1.5).requires_grad_()
+    if reference == "prior":
+        q = torch.rand(6, generator=g, dtype=torch.float64) + 0.2
+        q[2] = 0.0
+    else:
+        q = reference
+    div = make()
+    torch.testing.assert_close(f_softargmax(x, div, q), f_softargmax(x, "kl", q), atol=1e-10, rtol=0)
+    t = torch.tensor([0, 3, 5])
+    torch.testing.assert_close(fdiv_loss(x, t, div, q, reduction="none"), fdiv_loss(x, t, "kl", q, reduction="none"),
+                               atol=1e-9, rtol=1e-9)
+    assert torch.autograd.gradcheck(lambda z: f_softargmax(z, div, q), (x,), eps=1e-6, atol=1e-7)
