@@ -97,6 +97,12 @@ DROPPED_OPERATORS = {
     "operator_assignment",
 }
 
+# Per group, on top of DROPPED_OPERATORS (see the module docstring for why).
+GROUP_DROPPED_OPERATORS: dict = {}
+
+# Per group: functions not mutated (by name, in the group's modules), each with why.
+SKIPPED_FUNCTIONS: dict = {}
+
 KILLED = {"killed", "timeout", "caught by type check"}
 
 
@@ -133,6 +139,9 @@ def write_config(dest: Path, modules: list, tests: list, jobs: int) -> None:
     lines += ["also_copy =", "    examples/"]
     # torch is not fork-safe after threads start: fork workers from a server that imported the tests only
     lines += ["process_isolation = forkserver", "use_git_change_detection = false"]
+    # A mutant that makes a root search loop forever is cut at 4x (not mutmut's 30x) the CPU time of its
+    # tests (+ 4 s): a CPU-time limit, so a loaded machine does not turn slow survivors into timeouts.
+    lines += ["timeout_multiplier = 2"]
     (dest / "setup.cfg").write_text("\n".join(lines) + "\n")
 
 
@@ -143,20 +152,35 @@ def run_group(name: str, jobs: int, ref: str, mutants: list) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     copy_tree(dest, ref)
     write_config(dest, modules, tests, jobs)
-    env = dict(os.environ, PYTHONPATH=str(dest), HF_FDIV_SOLVER="auto", OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=str(dest), HF_FDIV_SOLVER="auto", OMP_NUM_THREADS="1",
+               HF_FDIV_MUTATION_GROUP=name)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--mutmut", "run", "--max-children", str(jobs)]
     cmd += mutants
     subprocess.run(cmd, cwd=dest, env=env, check=True)
 
 
 def mutmut_main(argv: list) -> None:
-    """mutmut's CLI with DROPPED_OPERATORS removed from its operator table."""
+    """mutmut's CLI with DROPPED_OPERATORS (and the group's GROUP_DROPPED_OPERATORS) removed from its
+    operator table, and the group's SKIPPED_FUNCTIONS left unmutated."""
+    import libcst as cst
     from mutmut.__main__ import cli
     from mutmut.mutation import file_mutation
 
+    group = os.environ.get("HF_FDIV_MUTATION_GROUP", "")
+    dropped = DROPPED_OPERATORS | GROUP_DROPPED_OPERATORS.get(group, set())
     file_mutation.mutation_operators = [
-        (node, op) for node, op in file_mutation.mutation_operators if op.__name__ not in DROPPED_OPERATORS
+        (node, op) for node, op in file_mutation.mutation_operators if op.__name__ not in dropped
     ]
+    skipped = {name for name in SKIPPED_FUNCTIONS.get(group, {})}
+    if skipped:
+        original = file_mutation.MutationVisitor._skip_node_and_children
+
+        def skip(self, node):
+            if isinstance(node, cst.FunctionDef) and node.name.value in skipped:
+                return True
+            return original(self, node)
+
+        file_mutation.MutationVisitor._skip_node_and_children = skip
     cli(argv, standalone_mode=True)
 
 
