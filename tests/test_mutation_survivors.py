@@ -414,3 +414,17 @@ def test_user_generators_gradient_and_loss_equal_the_builtin_kl(make, reference)
     torch.testing.assert_close(fdiv_loss(x, t, div, q, reduction="none"), fdiv_loss(x, t, "kl", q, reduction="none"),
                                atol=1e-9, rtol=1e-9)
     assert torch.autograd.gradcheck(lambda z: f_softargmax(z, div, q), (x,), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["alpha:0.25", "alpha:0.6"])
+@pytest.mark.parametrize("backend", ["chunked", "batched"])
+def test_alpha_below_one_with_a_prior_equals_bisection(monkeypatch, name, backend):
+    """alpha < 1 with (f*)' = d^(-k), k = 1/(1 - alpha) not 1 or 2 (a power pass with its own buffer),
+    and a [V] prior: the fp64 bisection's solution."""
+    from oracles import reference_bisection
+
+    monkeypatch.setenv("HF_FDIV_SOLVER", backend)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 40, generator=g, dtype=torch.float64) * 2
+    q = torch.rand(40, generator=g, dtype=torch.float64) + 0.1
+    torch.testing.assert_close(f_softargmax(x, name, q), reference_bisection(x, name, q), atol=1e-12, rtol=0)
