@@ -7,10 +7,26 @@ failure). Mutation happens in a copy of the working tree (``build/mutation/<grou
 whose code did not change.
 
 Operators: mutmut's own, minus three that would triple the run without testing the numerics (see
-``DROPPED_OPERATORS``). Equivalent mutants (no test can tell them apart from the original) are listed in
-``mutation/equivalent.txt``, one per line with why; they leave the kill rate's denominator and are not
-reported again. Prints the kill rate and every other surviving mutant with its diff; exits 1 below
-``--min-kill-rate`` (95 %).
+``DROPPED_OPERATORS``); the ``trainers`` group also leaves out number and ternary mutations
+(``GROUP_DROPPED_OPERATORS``: its tests are trainer runs, ~1 s each, and it must fit the budget with
+the numerics). Every module the issue names is mutated; no function is skipped (``SKIPPED_FUNCTIONS``
+is there for a function that only a slow test file reaches, with the reason next to it).
+
+Time budget (2 cores, ``--jobs 2``): under 30 minutes for both groups. What it costs: a killed mutant
+runs its fastest failing test (~0.3 s for the numerics, ~1-2 s for the trainers); a surviving or
+equivalent one runs every test that reaches its function (up to ~17 s, ~50 s). So the run stays short
+only while survivors are few: write the test, or list the mutant. A mutant that makes a loop run
+forever is stopped at 4x its tests' CPU time (``timeout_multiplier``; mutmut's default 30x cost
+minutes per such mutant). Reruns are incremental: only functions whose code changed are re-tested;
+after adding a test, name the survivors it kills (``python mutation/run.py --ref HEAD <names>``) so
+they are re-tested.
+
+``mutation/equivalent.txt`` lists, one per line with why: equivalent mutants (no test can tell them
+apart from the original; left out of the kill rate and not reported again), ``cuda-only:`` ones (the
+code differs only on a CUDA device, which the CPU suite cannot run; left out of the rate, counted
+apart) and ``open:`` ones (known survivors, e.g. a test would have to pin a bug of the source; they
+stay in the rate as not killed). Prints the kill rate per group and overall, and every other
+surviving mutant with its diff; exits 1 below ``--min-kill-rate`` (95 %).
 
     python mutation/run.py [--group numerics|trainers] [--jobs 2] [--min-kill-rate 95] [--ref HEAD]
 """
