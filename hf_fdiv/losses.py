@@ -35,6 +35,7 @@ from .solver import (
     RowSolution,
     as_rows,
     compute_dtype,
+    empty_like_output,
     flatten_reference,
     prepare_reference,
     reference_at_targets,
@@ -177,7 +178,7 @@ class FDivLossFunction(torch.autograd.Function):
         onehot = is_ids and options.label_smoothing == 0.0
         grad = None
         if ctx.needs_input_grad[0]:
-            grad = torch.zeros_like(x) if rows is not None else torch.empty_like(x)
+            grad = empty_like_output(x, zero=rows is not None)
         infinite = torch.zeros((), dtype=torch.bool, device=x.device)
         if rows is None or rows.numel() > 0:
             # One-hot targets: the solver writes p straight into the gradient buffer.
@@ -248,7 +249,7 @@ class TritonFYLossFunction(torch.autograd.Function):
     def forward(ctx, x, target, q, div, ignore_index, max_iter):
         from .solver import triton_kernels
 
-        grad = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        grad = empty_like_output(x) if ctx.needs_input_grad[0] else None
         losses, _, _, converged = triton_kernels.fy_loss_rows(
             x, target, div, q, ignore_index, grad=grad, n_iter=max_iter
         )

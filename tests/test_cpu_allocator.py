@@ -69,3 +69,67 @@ def test_tuned_allocator_reuses_freed_chunk_memory_in_every_layout():
     assert faults < 100
     for _ in range(3):  # randomised layouts, as users run
         assert _faults_per_round("1")[1] < 100
+
+
+# ---- huge pages for the outputs (empty_like_output) ------------------------------------------
+
+def _thp_mode() -> str:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def _vm_flags(t) -> list[str]:
+    """The VmFlags of the mapping holding t's middle byte (/proc/self/smaps; the advice covers whole
+    pages, so the page that t shares with the allocator's header is not advised); 'hg': huge pages advised."""
+    ptr, flags, inside = t.data_ptr() + t.numel() * t.element_size() // 2, None, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and ":" not in head:
+                lo, hi = (int(v, 16) for v in head.split("-"))
+                inside = lo <= ptr < hi
+            elif inside and line.startswith("VmFlags:"):
+                flags = line.split()[1:]
+                break
+    assert flags is not None, "no mapping holds the tensor"
+    return flags
+
+
+needs_madvise_mode = pytest.mark.skipif(
+    "[madvise]" not in _thp_mode(), reason="transparent huge pages are not in madvise mode here"
+)
+
+
+@needs_madvise_mode
+def test_outputs_of_the_logits_size_are_advised_huge_pages(monkeypatch):
+    import torch
+
+    import hf_fdiv
+    from hf_fdiv.solver import empty_like_output
+
+    monkeypatch.delenv("HF_FDIV_TUNE_MALLOC", raising=False)
+    x = torch.randn(512, 32768)  # 64 MiB: above the mmap threshold, its own mapping
+    assert "hg" in _vm_flags(empty_like_output(x))
+    assert "hg" not in _vm_flags(torch.empty_like(x))  # the control: torch's own allocation is not
+    # what users get: the operator's output, its input gradient, the loss's gradient
+    xr = x.clone().requires_grad_()
+    p = hf_fdiv.f_softargmax(xr, "alpha:1.5")
+    p.backward(torch.randn_like(p))
+    assert "hg" in _vm_flags(p) and "hg" in _vm_flags(xr.grad)
+    xr.grad = None
+    hf_fdiv.fdiv_loss(xr, torch.randint(0, 32768, (512,)), "js").backward()
+    assert "hg" in _vm_flags(xr.grad)
+
+
+@needs_madvise_mode
+def test_huge_page_advice_is_off_with_the_switch(monkeypatch):
+    import torch
+
+    from hf_fdiv.solver import empty_like_output
+
+    monkeypatch.setenv("HF_FDIV_TUNE_MALLOC", "0")
+    assert "hg" not in _vm_flags(empty_like_output(torch.empty(512, 32768)))
+    assert empty_like_output(torch.empty(3, 5), zero=True).eq(0).all()

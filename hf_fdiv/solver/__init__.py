@@ -31,7 +31,7 @@ from ..divergences import KL, DivergenceSpec, FDivergence, get_divergence
 from . import learnable_alpha
 from .batched import backend_chunk_rows, solve_rows_batched
 from .chunked import CHUNK_ELEMENTS, SPARSE_TOPK, solve_rows_chunked
-from .cpu_allocator import tune_cpu_allocator
+from .cpu_allocator import empty_like_output, tune_cpu_allocator
 from .core import (
     DEFAULT_MAX_ITER,
     NewtonPolicy,
@@ -83,6 +83,7 @@ __all__ = [
     "row_statistics",
     "work_chunk_rows",
     "tune_cpu_allocator",
+    "empty_like_output",
     "rows_per_chunk",
     "CHUNK_ELEMENTS",
     "DEFAULT_MAX_ITER",
@@ -206,7 +207,7 @@ class FSoftargmaxFunction(torch.autograd.Function):
             ctx.div, ctx.q = div, q
             ctx.save_for_backward(p)
             return p
-        out = torch.empty_like(x)
+        out = empty_like_output(x)
         compact = []  # (rows, index, p, q) of chunks with a certified compact support
         for sol in solve_rows(x, q, div, out=out, max_iter=max_iter):
             if sol.index is not None and sol.uncertain is None and x.requires_grad:
@@ -225,7 +226,7 @@ class FSoftargmaxFunction(torch.autograd.Function):
             return triton_kernels.softargmax_backward_rows(p, grad_out.contiguous(), div, q), None, None, None
         N, V = p.shape
         work_dtype = compute_dtype(p.dtype)
-        dx = torch.empty_like(p)
+        dx = empty_like_output(p)
         covered = 0
         for rows, index, pk, qk in ctx.compact:
             gk = grad_out[rows].gather(1, index).to(work_dtype)
@@ -254,7 +255,7 @@ class FSoftmaxFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, q, div: FDivergence, max_iter: Optional[int]):
         N, V = x.shape
         value = torch.empty(N, dtype=compute_dtype(x.dtype), device=x.device)
-        p_out = torch.empty_like(x) if x.requires_grad else None
+        p_out = empty_like_output(x) if x.requires_grad else None
         for sol in solve_rows(x, q, div, out=p_out, max_iter=max_iter):
             value[sol.rows] = sol.row_max + f_softmax_shifted(sol, div)
         if p_out is not None:

@@ -319,8 +319,10 @@ def newton_solve(
             ok |= new == tau  # a step below one ulp of tau: the root is found
         new = torch.where(ok, new, 0.5 * (lo + hi))
         # Every p_j moves with tau in the same direction, so sum_j |p_j(tau) - p_j(root)| = |S - 1|:
-        # S within a few ulps of 1 certifies p as well as a collapsed bracket would; stay there.
-        at_root = (S == 1) if monotone else (S - 1).abs() <= 8 * eps
+        # S within a few ulps of 1 certifies p as well as a collapsed bracket would; stay there. (A
+        # monotone sparse search keeps S == 1: its passes are on K columns, and exact supports rely on it;
+        # a dense one stops there, a pass before its steps fall below one ulp.)
+        at_root = (S == 1) if monotone and div.sparse else (S - 1).abs() <= 8 * eps
         new = torch.where(at_root, tau, new)
         moved = new - tau
         if monotone:

@@ -35,6 +35,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .cpu_allocator import empty_like_output
+
 __all__ = [
     "graph_retained", "take_buffer", "scale_rows", "scale_all", "first_order_only", "freed_error", "CAN_DETECT_RETAIN",
 ]
@@ -89,7 +91,7 @@ def _row_chunks(n: int, step: int):
 def scale_rows(buffer: Tensor, grad_rows: Tensor, in_place: bool, step: int) -> Tensor:
     """buffer [N, V] * grad_rows [N, 1]: in place, or into a new tensor. Low-precision buffers are scaled
     in fp32, ``step`` rows at a time (no fp32 copy of the whole buffer)."""
-    out = buffer if in_place else torch.empty_like(buffer)
+    out = buffer if in_place else empty_like_output(buffer)
     g = grad_rows.reshape(-1, 1)
     if buffer.dtype in (torch.float32, torch.float64):
         return torch.mul(buffer, g.to(buffer.dtype), out=out)

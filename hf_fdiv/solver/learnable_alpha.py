@@ -46,6 +46,7 @@ from torch import Tensor
 
 from ..divergences import FDivergence
 from .batched import BATCHED_NON_MONOTONE_PASSES, BATCHED_PASSES, backend_chunk_rows
+from .cpu_allocator import empty_like_output
 from .core import NewtonPolicy, compute_dtype, newton_solve, nonfinite_error, row_chunks
 from .grad_buffer import first_order_only, scale_rows, take_buffer
 from .reference import reference_rows
@@ -328,7 +329,7 @@ class AlphaSoftargmaxFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, alpha: Tensor, q, alpha_range, max_iter, backend):
-        out = torch.empty_like(x)
+        out = empty_like_output(x)
         a_det = alpha.detach()
         for sel, _, _, _, _, p in solve_alpha_rows(x, a_det, q, alpha_range, max_iter=max_iter, backend=backend):
             out[sel] = p.to(x.dtype)
@@ -342,7 +343,7 @@ class AlphaSoftargmaxFunction(torch.autograd.Function):
         p, alpha = ctx.saved_tensors
         N, V = p.shape
         dtype = ctx.dtype
-        dx = torch.empty_like(p) if ctx.needs_input_grad[0] else None
+        dx = empty_like_output(p) if ctx.needs_input_grad[0] else None
         da = torch.empty(N, dtype=dtype, device=p.device)
         step = backend_chunk_rows(ctx.backend, V)
         for _, _, sl, p_rows in row_chunks(p, None, step):
@@ -371,7 +372,7 @@ class AlphaFYLossFunction(torch.autograd.Function):
         dl_da = torch.zeros(N, dtype=dtype, device=x.device)
         grad = None
         if ctx.needs_input_grad[0]:
-            grad = torch.zeros_like(x) if rows is not None else torch.empty_like(x)
+            grad = empty_like_output(x, zero=rows is not None)
         is_ids = not target.is_floating_point()
         for sel, z, a, qc, tau, p in solve_alpha_rows(
             x, a_det, q, alpha_range, rows=rows, max_iter=max_iter, backend=backend
