@@ -16,7 +16,10 @@ Each hf_fdiv row is checked against issue 22's bounds: loss <= 2x cross-entropy,
 
 Time: median of ``--repeats`` forward + backward runs after one warm-up (EntmaxBisectLoss: one run,
 no warm-up, unless ``--bisect-repeats``). Logits are fp32 ``2 * randn``, targets uniform ids; the
-operators get a dense random upstream gradient.
+operators get a dense random upstream gradient. Each hf_fdiv row's ratio is paired: its runs alternate
+with runs of its baseline (cross-entropy for a loss, softmax for an operator), and the ratio is the
+median of the row's runs over the median of those baseline runs, so that a slow phase of the machine
+(a noisy neighbour, seconds long) slows both sides of the ratio, not one.
 
 Memory: peak extra resident memory during one more (untimed) call, above the resident memory before
 it (inputs and torch already resident), sampled every 0.2 ms from /proc/self/statm by a background
@@ -160,9 +163,14 @@ def bench_shape(N: int, V: int, repeats: int, bisect_repeats: int, include_bisec
         reps = bisect_repeats if slow else repeats
         if not slow:
             run()  # warm-up
-        times = []
+        times, base_times = [], []
         peak = None
+        base = cases["F.cross_entropy" if kind == "loss" else "torch.softmax"][1] if bound(name) else None
         for _ in range(reps):
+            if base is not None:  # paired: the baseline right before each run of the row
+                t0 = time.perf_counter()
+                base()
+                base_times.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             run()
             times.append(time.perf_counter() - t0)
@@ -177,7 +185,8 @@ def bench_shape(N: int, V: int, repeats: int, bisect_repeats: int, include_bisec
                 run()
                 times = [time.perf_counter() - t0]
             peak = mem.extra
-        results[name] = (kind, statistics.median(times), peak)
+        paired = statistics.median(base_times) if base_times else None
+        results[name] = (kind, statistics.median(times), peak, paired)
         if not quiet:
             mib = "" if peak is None else f"   peak extra {peak / 2**20:8.0f} MiB"
             print(f"  {name:<28} {statistics.median(times) * 1e3:9.1f} ms{mib}", flush=True)
@@ -185,8 +194,9 @@ def bench_shape(N: int, V: int, repeats: int, bisect_repeats: int, include_bisec
 
 
 def ratio(results, name):
-    kind, t, _ = results[name]
-    return t / results["F.cross_entropy" if kind == "loss" else "torch.softmax"][1]
+    """A row's time over its baseline's: the paired baseline runs when the row has them."""
+    kind, t, _, paired = results[name]
+    return t / (paired or results["F.cross_entropy" if kind == "loss" else "torch.softmax"][1])
 
 
 def bound(name):
@@ -201,7 +211,7 @@ def report(N, V, results):
     sm = results["torch.softmax"]
     print(f"\n| {N} x {V} | median fwd+bwd | x cross-entropy | x softmax | peak extra | x CE peak |")
     print("|---|---:|---:|---:|---:|---:|")
-    for name, (kind, t, m) in results.items():
+    for name, (kind, t, m, _) in results.items():
         mem = "n/a | n/a" if m is None else f"{m / 2**20:.0f} MiB | {m / max(ce[2] or 1, 1):.2f}"
         print(f"| `{name}` | {t * 1e3:.0f} ms | {t / ce[1]:.2f} | {t / sm[1]:.2f} | {mem} |")
     lines = []
