@@ -344,7 +344,9 @@ class _PowerTail:
         if scaled and B != 1.0:
             d.mul_(B)
         if clamp:
-            d.clamp_(min=(B if scaled else 1.0) * 1e-7 * max(1.0, 1.0 / B))
+            # only keeps d > 0 where rounding lands on or past the pole: the root itself may lie far
+            # closer to it than any fixed margin (p_j = q_j d_j^-k with a tiny q_j on the top class)
+            d.clamp_(min=torch.finfo(d.dtype).tiny)
         return d
 
     def _tail(self, d: Tensor, scratch: Optional[list]) -> Tensor:

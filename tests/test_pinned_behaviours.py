@@ -606,3 +606,23 @@ def test_add_teacher_topk_accepts_k_from_1_to_V(tok):
     for k in (0, V + 1):
         with pytest.raises(ValueError, match="k must be in"):
             add_teacher_topk(Dataset.from_dict({"input_ids": seqs}), teacher, k=k)
+
+
+# ---- a tiny reference on the dominant class: the power tails' root next to the pole ------------------
+
+@pytest.mark.parametrize("backend", ["chunked", "batched"])
+@pytest.mark.parametrize("name,q0", [("reverse_kl", 1e-9), ("reverse_kl", 1e-8), ("alpha:0.25", 1e-12),
+                                     ("squared_hellinger", 1e-9), ("alpha:0.5", 1e-10)])
+def test_power_tail_with_a_tiny_reference_on_the_top_class(monkeypatch, backend, name, q0):
+    # p_0 = q_0 / d_0^k with q_0 tiny puts the root within ~q_0^(1/k) of the pole (1.3e-9 for reverse KL
+    # at q_0 = 1e-9): a guard that keeps d >= 1e-7 from the pole moved the mass elsewhere (p_0 = 0.04
+    # instead of 0.75); fp64 resolves it, so the answer must be the fp64 bisection's (to 1e-6: one ulp
+    # of tau is ~1e-7 of d there, for both)
+    import oracles
+
+    monkeypatch.setenv("HF_FDIV_SOLVER", backend)
+    x = torch.tensor([[10.0, 0.0, -1.0, 0.5], [3.0, 2.0, 1.0, 0.0]], dtype=torch.float64)
+    q = torch.tensor([q0, 1.0, 0.5, 1.0], dtype=torch.float64)
+    want = oracles.reference_bisection(x, name, q=q)
+    got = f_softargmax(x, name, reference=q)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
