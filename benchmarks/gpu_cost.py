@@ -32,7 +32,8 @@ with the chunk budget shrunk to ``s * V`` (``s = --rows``) at (rows, step) = (s,
 (4s, 2s) and (3s, s) (``PLAN``), which solves the coefficients exactly, and the full shape's figures
 follow (chunks = ceil(N / step)); the fifth measurement checks the count model (``model_ok``, a "?" after
 the launches in the table when it fails, e.g. when some rows took a data-dependent re-solve). The Triton
-cases are measured at a smaller V (``--triton-shape``; the interpreter is slow): their ATen ops are fitted
+cases are measured at 4 rows of the full V (``--triton-shape`` to change; the interpreter is slow, and the
+kernels' tiling depends on V: one tile up to V = 32768, 4096-wide tiles above): their ATen ops are fitted
 the same way (per-row bytes scaled by V / V_measured) and their kernels' traffic is the passes per row,
 averaged over every measured row (Newton stops early per row: data-dependent), times N x V. ``tests/test_gpu_cost.py`` checks the extrapolation against a direct measurement.
 
@@ -663,8 +664,9 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--dtype", action="append", help="float32 / bfloat16, one per --shape (default float32, bfloat16)")
     ap.add_argument("--rows", type=int, default=4, help="rows per measured chunk s (measured: s and 2s rows)")
     ap.add_argument("--hidden", type=int, default=2048, help="H of the fused LM head cases")
-    ap.add_argument("--triton-shape", default="4x12288",
-                    help="rows x V the Triton kernels are measured at (V > 8192: the tiled path of the full shapes)")
+    ap.add_argument("--triton-shape", default=None,
+                    help="rows x V the Triton kernels are measured at (default: 4 rows of the full shape's V, "
+                         "so that the kernels take the full shape's tiling: one tile up to V = 32768)")
     ap.add_argument("--no-triton", action="store_true", help="skip the Triton cases")
     ap.add_argument("--all-divergences", action="store_true",
                     help="also every other built-in generator's loss and operator on the batched backend")
@@ -680,10 +682,10 @@ def main(argv=None) -> list[dict]:
     all_cases = [c for c in cases(triton, args.all_divergences)
                  if c.baseline is None or not args.only or any(o in c.name for o in args.only)]
     by_name = {c.name: c for c in all_cases}
-    tn, tv = parse_shape(args.triton_shape)
     report = {"shapes": []}
     for (N, V), dname in zip(shapes, dtypes):
         dtype = getattr(torch, dname)
+        tn, tv = parse_shape(args.triton_shape) if args.triton_shape else (4, V)
         results = []
         for case in all_cases:
             print(f"  measuring {case.name} ...", file=sys.stderr, flush=True)

@@ -43,7 +43,6 @@ from .solver import (
     solve_rows,
     solver_backend,
     sum_q_bregman,
-    work_chunk_rows,
 )
 from .solver import learnable_alpha
 from .solver.grad_buffer import first_order_only, scale_rows, take_buffer
@@ -234,7 +233,7 @@ def _scaled_gradient(ctx, grad_losses: Tensor, name: str = "fdiv_loss") -> Tenso
     if not ctx.needs_input_grad[0]:
         return None
     grad, keep = take_buffer(ctx, "grad_buffer", name)
-    return scale_rows(grad, grad_losses, not keep, work_chunk_rows(grad, grad.shape[1]))
+    return scale_rows(grad, grad_losses, not keep)
 
 
 class TritonFYLossFunction(torch.autograd.Function):

@@ -253,9 +253,10 @@ def test_js_kkt_certificate():
                                    torch.ones(len(x), dtype=torch.float64), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("block_v", [64, None], ids=["tiles64", "onetile"])
 @pytest.mark.parametrize("qname", ["unit", "uniform"])
 @pytest.mark.parametrize("name", list(DIVS))
-def test_softargmax_backward_is_vjp(name, qname):
+def test_softargmax_backward_is_vjp(name, qname, block_v):
     div, q = DIVS[name], _q(qname)
     x, _ = _batch(seed=7)
     x = x[torch.isfinite(x).all(1)]
@@ -263,8 +264,8 @@ def test_softargmax_backward_is_vjp(name, qname):
     xr = x.double().requires_grad_(True)
     p_ref = f_softargmax(xr, div, q)
     (dx_ref,) = torch.autograd.grad(p_ref, xr, go.double())
-    p, _, _ = tk.softargmax_rows(x.to(DEVICE), div, q, block_v=64)
-    dx = tk.softargmax_backward_rows(p, go.to(DEVICE), div, q, block_v=64)
+    p, _, _ = tk.softargmax_rows(x.to(DEVICE), div, q, block_v=block_v)
+    dx = tk.softargmax_backward_rows(p, go.to(DEVICE), div, q, block_v=block_v)
     assert dx.dtype == go.dtype
     # the formula on the same fp32 p, in fp64 (tight), and the exact VJP (fp32 p limits the accuracy)
     p64, g64 = p.cpu().double(), go.double()
@@ -393,3 +394,15 @@ def test_unconverged_and_nonfinite_rows_take_the_exact_path(monkeypatch):
     x[3, 7] = math.nan
     with pytest.raises(ValueError, match="1 row"):
         fdiv_loss(x, t, "alpha:1.5")
+
+
+@pytest.mark.parametrize("name", ["alpha:1.5", "alpha:2", "js"])
+def test_rows_with_a_nan_or_inf_logit_are_not_certified(name):
+    """The kernel's converged flag is False for a row with a NaN or +inf logit or with every logit at -inf
+    (the operator's caller redoes exactly those rows with PyTorch, which raises; it does not scan p)."""
+    x, _ = _batch(seed=13)
+    x[1, 5], x[2, 9], x[6] = math.nan, math.inf, -math.inf
+    _, _, conv = tk.softargmax_rows(x.to(DEVICE), name, 1.0, block_v=64)
+    assert conv.cpu().tolist() == [True, False, False, True, True, True, False]
+    _, _, conv = tk.softargmax_rows(x.to(DEVICE), name, 1.0)
+    assert conv.cpu().tolist() == [True, False, False, True, True, True, False]

@@ -199,8 +199,9 @@ class FSoftargmaxFunction(torch.autograd.Function):
         if ctx.triton:
             from . import triton_kernels
 
-            p, _, converged = triton_kernels.softargmax_rows(x, div, q, n_iter=max_iter)
-            redo = (~converged | ~torch.isfinite(p).all(1)).nonzero().squeeze(1)  # one host synchronisation
+            p, tau, converged = triton_kernels.softargmax_rows(x, div, q, n_iter=max_iter)
+            # rows with a non-finite logit are not certified (nor is a non-finite tau): no [N, V] scan of p
+            redo = (~converged | ~torch.isfinite(tau)).nonzero().squeeze(1)  # one host synchronisation
             if redo.numel():  # exact PyTorch solve of the rows the kernel did not certify (raises on NaN)
                 for _ in solve_rows(x, q, div, rows=redo, out=p, max_iter=max_iter, backend="batched"):
                     pass

@@ -83,21 +83,13 @@ def take_buffer(ctx, attr: str, name: str):
     return buffer, keep
 
 
-def _row_chunks(n: int, step: int):
-    for a in range(0, n, step):
-        yield slice(a, min(n, a + step))
-
-
-def scale_rows(buffer: Tensor, grad_rows: Tensor, in_place: bool, step: int) -> Tensor:
-    """buffer [N, V] * grad_rows [N, 1]: in place, or into a new tensor. Low-precision buffers are scaled
-    in fp32, ``step`` rows at a time (no fp32 copy of the whole buffer)."""
+def scale_rows(buffer: Tensor, grad_rows: Tensor, in_place: bool) -> Tensor:
+    """buffer [N, V] * grad_rows [N, 1]: in place, or into a new tensor. A low-precision buffer is
+    multiplied by an fp32 g in one kernel that computes in fp32 and rounds once on the store (no fp32
+    copy: one read and one write of the buffer, as cross-entropy's backward; issue 23)."""
     out = buffer if in_place else empty_like_output(buffer)
     g = grad_rows.reshape(-1, 1)
-    if buffer.dtype in (torch.float32, torch.float64):
-        return torch.mul(buffer, g.to(buffer.dtype), out=out)
-    for sl in _row_chunks(buffer.shape[0], step):
-        out[sl] = buffer[sl].float() * g[sl].float()
-    return out
+    return torch.mul(buffer, g.to(torch.promote_types(buffer.dtype, torch.float32)), out=out)
 
 
 def scale_all(buffer: Optional[Tensor], grad: Tensor, in_place: bool) -> Optional[Tensor]:

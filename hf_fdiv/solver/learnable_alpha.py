@@ -409,7 +409,7 @@ class AlphaFYLossFunction(torch.autograd.Function):
         dx = None
         if ctx.needs_input_grad[0]:
             grad, keep = take_buffer(ctx, "grad_buffer", "fdiv_loss")
-            dx = scale_rows(grad, grad_losses, not keep, backend_chunk_rows(ctx.backend, grad.shape[1]))
+            dx = scale_rows(grad, grad_losses, not keep)
         da = (grad_losses.to(dl_da.dtype) * dl_da).to(ctx.alpha_dtype) if ctx.needs_input_grad[1] else None
         return dx, da, None, None, None, None, None, None, None
 

@@ -112,7 +112,7 @@ def _patch_interpreter_for_numpy_24() -> None:
 if _interpreting():
     _patch_interpreter_for_numpy_24()
 
-_ONE_BLOCK_MAX = 8192  # rows up to this many classes are kept in registers (one tile)
+_ONE_BLOCK_MAX = 32768  # rows up to this many classes are read once and kept in registers (one tile)
 _TILE = 4096  # tile width for longer rows
 
 
@@ -378,7 +378,9 @@ def _fdiv_newton_kernel(
             tl.store(LOSS + row, loss)
         tl.store(TAU + row, tau_out)
         tl.store(SUPP + row, tl.sum(acc_n, axis=0))
-        tl.store(CONV + row, done.to(tl.int8))
+        # a row with a NaN / +inf logit (m = +inf) or no finite one is never certified: the caller redoes it
+        # with PyTorch, which raises, so that nobody has to scan p for non-finite values
+        tl.store(CONV + row, (done * (tl.abs(m) < float("inf")).to(tl.int32)).to(tl.int8))
 
 
 @triton.jit
@@ -452,30 +454,39 @@ def _softargmax_bwd_kernel(
     V, q, s_scale, two_minus_alpha,
     KIND: tl.constexpr,  # 0 alpha, 1 alpha 1.5, 2 alpha 2, 3 JS, 4 KL
     BLOCK_V: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     Prow = P + row * stride_p
     GOrow = GO + row * stride_go
     DXrow = DX + row * stride_dx
     offs = tl.arange(0, BLOCK_V)
-    acc_s = tl.zeros([BLOCK_V], dtype=tl.float32)
-    acc_sg = tl.zeros([BLOCK_V], dtype=tl.float32)
-    for start in range(0, V, BLOCK_V):
-        cols = start + offs
-        mask = cols < V
-        p = tl.load(Prow + cols, mask=mask, other=0.0).to(tl.float32)
-        go = tl.load(GOrow + cols, mask=mask, other=0.0).to(tl.float32)
+    if ONE_BLOCK:  # p and g read once, kept in registers for the write
+        mask = offs < V
+        p = tl.load(Prow + offs, mask=mask, other=0.0).to(tl.float32)
+        go = tl.load(GOrow + offs, mask=mask, other=0.0).to(tl.float32)
         s = _jacobian_weight(p, q, s_scale, two_minus_alpha, KIND)
-        acc_s += s
-        acc_sg += s * go
-    ratio = tl.sum(acc_sg, axis=0) / tl.sum(acc_s, axis=0)
-    for start in range(0, V, BLOCK_V):
-        cols = start + offs
-        mask = cols < V
-        p = tl.load(Prow + cols, mask=mask, other=0.0).to(tl.float32)
-        go = tl.load(GOrow + cols, mask=mask, other=0.0).to(tl.float32)
-        s = _jacobian_weight(p, q, s_scale, two_minus_alpha, KIND)
-        tl.store(DXrow + cols, (s * (go - ratio)).to(DX.dtype.element_ty), mask=mask)
+        ratio = tl.sum(s * go, axis=0) / tl.sum(s, axis=0)
+        tl.store(DXrow + offs, (s * (go - ratio)).to(DX.dtype.element_ty), mask=mask)
+    else:
+        acc_s = tl.zeros([BLOCK_V], dtype=tl.float32)
+        acc_sg = tl.zeros([BLOCK_V], dtype=tl.float32)
+        for start in range(0, V, BLOCK_V):
+            cols = start + offs
+            mask = cols < V
+            p = tl.load(Prow + cols, mask=mask, other=0.0).to(tl.float32)
+            go = tl.load(GOrow + cols, mask=mask, other=0.0).to(tl.float32)
+            s = _jacobian_weight(p, q, s_scale, two_minus_alpha, KIND)
+            acc_s += s
+            acc_sg += s * go
+        ratio = tl.sum(acc_sg, axis=0) / tl.sum(acc_s, axis=0)
+        for start in range(0, V, BLOCK_V):
+            cols = start + offs
+            mask = cols < V
+            p = tl.load(Prow + cols, mask=mask, other=0.0).to(tl.float32)
+            go = tl.load(GOrow + cols, mask=mask, other=0.0).to(tl.float32)
+            s = _jacobian_weight(p, q, s_scale, two_minus_alpha, KIND)
+            tl.store(DXrow + cols, (s * (go - ratio)).to(DX.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -571,7 +582,8 @@ def _launch_config(V: int, block_v: Optional[int], num_warps: Optional[int]):
         raise ValueError(f"block_v must be a power of two >= 16, got {block_v}.")
     one_block = V <= block_v
     if num_warps is None:
-        num_warps = 4 if block_v <= 1024 else (8 if block_v <= 4096 else 16)
+        # as Liger-Kernel's row kernels: 32 warps for a 32k-wide tile (32 fp32 registers per thread)
+        num_warps = 4 if block_v <= 1024 else (8 if block_v <= 4096 else (16 if block_v <= 16384 else 32))
     return block_v, one_block, num_warps
 
 
@@ -704,13 +716,14 @@ def fy_loss_rows(
             gradient replaces the logits in place (Liger-Kernel style).
         n_iter: Newton pass cap (default 16 for alpha, 20 for JS; ignored for KL). Each row stops early.
         block_v / num_warps: launch overrides (tile width, a power of two); default: the whole row in one
-            tile up to V = 8192, else 4096-wide tiles.
+            tile up to V = 32768 (read once, kept in registers), else 4096-wide tiles.
 
     Returns:
         (loss, tau, support, converged): fp32 [N]; fp32 [N], the normaliser in max-shifted coordinates
         (p_j = q (f*)'(x_j - max(x) - tau); KL: logsumexp(z) + log q); int32 [N], the number of p_j > 0
         (fp32); bool [N], False for rows whose Newton iteration hit the cap (their p is still normalised,
-        but a caller wanting exact results should recompute those rows with PyTorch).
+        but a caller wanting exact results should recompute those rows with PyTorch) and for rows with a
+        NaN / +inf logit or no finite one (alpha, JS; KL gives them a non-finite loss and tau).
     """
     if target is None:
         raise ValueError("fy_loss_rows needs a target; use softargmax_rows for the operator.")
@@ -754,9 +767,10 @@ def softargmax_backward_rows(
     """Vector-Jacobian product of f-softargmax: dx = s * (g - <s, g> / sum(s)), g = ``grad_out``.
 
     s_j = q / f''(p_j / q) on the support (0 off it): p (KL), q^(alpha-1) p^(2-alpha) (alpha family; unit q:
-    p^(2-alpha), e.g. sqrt(p) for entmax15, 1[p > 0] for sparsemax), p (p + q) / q (JS). Two passes over
-    the row; fp32 arithmetic. ``p`` and ``grad_out`` are [N, V]; returns dx in ``grad_out``'s dtype (or
-    into ``out``, which may alias ``grad_out``).
+    p^(2-alpha), e.g. sqrt(p) for entmax15, 1[p > 0] for sparsemax), p (p + q) / q (JS). One pass over
+    p and g when the row fits in one tile (V <= 32768 by default), else two; fp32 arithmetic. ``p`` and
+    ``grad_out`` are [N, V]; returns dx in ``grad_out``'s dtype (or into ``out``, which may alias
+    ``grad_out``). ``block_v`` / ``num_warps`` as in :func:`fy_loss_rows`.
     """
     _check_rows(p, "p")
     div = get_divergence(div)
@@ -780,10 +794,9 @@ def softargmax_backward_rows(
         bkind, s_scale, tma = 3, 1.0, 1.0
     else:
         bkind, s_scale, tma = kind, qf ** (div.alpha - 1.0), 2.0 - div.alpha
-    block = block_v if block_v is not None else min(max(16, triton.next_power_of_2(V)), _TILE)
-    block, _, warps = _launch_config(V, block, num_warps)
+    block, one_block, warps = _launch_config(V, block_v, num_warps)
     _softargmax_bwd_kernel[(N,)](
         p, p.stride(0), grad_out, grad_out.stride(0), out, out.stride(0),
-        V, qf, s_scale, tma, KIND=bkind, BLOCK_V=block, num_warps=warps,
+        V, qf, s_scale, tma, KIND=bkind, BLOCK_V=block, ONE_BLOCK=one_block, num_warps=warps,
     )
     return out
