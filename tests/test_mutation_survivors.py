@@ -443,3 +443,87 @@ def test_js_tiny_prior_entry_on_the_dominant_class_stays_on_the_simplex(monkeypa
     p = f_softargmax(x, "js", q)
     assert bool(torch.isfinite(p).all()) and bool((p >= 0).all())
     assert abs(float(p.sum()) - 1.0) <= 1e-12
+
+
+@pytest.mark.parametrize(
+    "name, passes",
+    [("reverse_kl", "BATCHED_DENSE_PASSES"), ("js", "BATCHED_DENSE_PASSES"),
+     ("custom_dense", "BATCHED_DENSE_NON_MONOTONE_PASSES"), ("alpha:1.5", "BATCHED_PASSES"),
+     ("alpha:3", "BATCHED_NON_MONOTONE_PASSES"), ("alpha:1.5 V <= K", "BATCHED_DENSE_PASSES")],
+)
+def test_batched_passes_per_chunk_are_the_documented_counts(name, passes):
+    """The sync-free backend's fixed pass counts (they decide its GPU time; README, issue 22): one root
+    search per chunk, counted as calls of the generator's Newton sums: dense monotone 6, dense user-defined
+    12, top-K monotone 12, top-K alpha > 2 60, and a sparse f on rows no longer than K solved densely (6)."""
+    from hf_fdiv.divergences import FDivergence, get_divergence
+    from hf_fdiv.solver import batched, solve_rows
+
+    V = 40 if name.endswith("V <= K") else 300
+    if name == "custom_dense":
+        div = FDivergence.from_functions("kl_user", lambda u: torch.xlogy(u, u) - u + 1, torch.log, torch.exp,
+                                         lambda u: 1 / u)
+    else:
+        div = get_divergence(name.split()[0])
+    calls = []
+    original = div.newton_sums
+    div.newton_sums = lambda *a, **k: calls.append(1) or original(*a, **k)  # this instance only
+    try:
+        x = torch.randn(8, V, generator=torch.Generator().manual_seed(1)) * 2
+        for _ in solve_rows(x, 1.0, div, backend="batched", resolve=False):
+            pass
+    finally:
+        del div.newton_sums
+    assert len(calls) == getattr(batched, passes)
+
+
+def test_batched_dense_rows_not_converged_are_resolved_exactly(monkeypatch):
+    """With one fixed dense pass (the module's count, read at call time) rows are left unconverged: they
+    must be flagged and re-solved by the exact path, so the result is the CPU path's (a row taken as
+    certified after one pass is off by ~1e-7)."""
+    from hf_fdiv import fdiv_loss
+    from hf_fdiv.solver import batched
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(10, 500, generator=g, dtype=torch.float64) * 3
+    monkeypatch.setenv("HF_FDIV_SOLVER", "chunked")
+    want = f_softargmax(x, "squared_hellinger")
+    monkeypatch.setenv("HF_FDIV_SOLVER", "batched")
+    monkeypatch.setattr(batched, "BATCHED_DENSE_PASSES", 1)
+    torch.testing.assert_close(f_softargmax(x, "squared_hellinger"), want, atol=1e-12, rtol=0)
+    # skip mode (a non-finite row is solved as zeros, not an error) flags the unconverged rows the same way
+    x[3, 5] = float("nan")
+    t = torch.randint(0, 500, (10,), generator=g)
+    monkeypatch.setenv("HF_FDIV_SOLVER", "chunked")
+    want = fdiv_loss(x, t, "squared_hellinger", reduction="none", skip_nonfinite=True)
+    monkeypatch.setenv("HF_FDIV_SOLVER", "batched")
+    got = fdiv_loss(x, t, "squared_hellinger", reduction="none", skip_nonfinite=True)
+    assert float(want[3]) == 0.0
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["alpha:1.5", "js", "kl"])
+def test_batched_more_rows_than_classes(monkeypatch, name):
+    """N > V (many short rows: a tagger's few labels): the batched backend's per-row state is sized by rows."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(50, 7, generator=g, dtype=torch.float64) * 2
+    q = torch.rand(7, generator=g, dtype=torch.float64) + 0.5
+    monkeypatch.setenv("HF_FDIV_SOLVER", "chunked")
+    want = f_softargmax(x, name, q)
+    monkeypatch.setenv("HF_FDIV_SOLVER", "batched")
+    torch.testing.assert_close(f_softargmax(x, name, q), want, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["chunked", "batched"])
+def test_low_precision_kl_gradient_is_rounded_once(monkeypatch, backend):
+    """f_softmax(bf16 logits, "kl")'s gradient p is formed in fp32 and rounded to bf16 once: within one
+    bf16 ulp of the fp64 softmax (a p formed in bf16 arithmetic, exp and division rounded, is off by more)."""
+    monkeypatch.setenv("HF_FDIV_SOLVER", backend)
+    from hf_fdiv import f_softmax
+
+    g = torch.Generator().manual_seed(6)
+    x = (torch.randn(64, 3000, generator=g) * 2).bfloat16().requires_grad_()
+    f_softmax(x, "kl").sum().backward()
+    exact = torch.softmax(x.detach().double(), -1)
+    ulp = torch.finfo(torch.bfloat16).eps * exact.abs()  # one ulp at most this
+    assert x.grad.dtype == torch.bfloat16
+    assert bool(((x.grad.double() - exact).abs() <= ulp).all())
