@@ -527,3 +527,77 @@ def test_low_precision_kl_gradient_is_rounded_once(monkeypatch, backend):
     ulp = torch.finfo(torch.bfloat16).eps * exact.abs()  # one ulp at most this
     assert x.grad.dtype == torch.bfloat16
     assert bool(((x.grad.double() - exact).abs() <= ulp).all())
+
+
+@pytest.mark.parametrize("name", ["alpha:1.5", "alpha:2"])
+def test_cpu_sparse_solve_in_each_support_regime(monkeypatch, name):
+    """The CPU path's three routes for sparse f, one row per chunk, in one call: a support within the
+    top-32 guess, a larger one found by counting candidates (<= V / 8: a wider top-k solve, whose loss
+    terms outgrow the previous chunk's buffers) and one beyond V / 8 (dense). The operator and the loss
+    of every route are the fp64 bisection's."""
+    from oracles import primal_loss
+
+    from hf_fdiv import fdiv_loss
+    from hf_fdiv.solver import chunked
+
+    monkeypatch.setenv("HF_FDIV_SOLVER", "chunked")
+    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 1000)  # read at call time: one row per chunk
+    g = torch.Generator().manual_seed(8)
+    supports = [20, 60, 300]
+    x = torch.full((3, 1000), -20.0, dtype=torch.float64)
+    for i, k in enumerate(supports):  # k nearly tied classes, the rest far below
+        x[i, torch.randperm(1000, generator=g)[:k]] = 1e-4 * torch.randn(k, generator=g, dtype=torch.float64)
+    t = x.argmax(1)
+    want_loss, want_p = primal_loss(x, torch.nn.functional.one_hot(t, 1000).double(), name)
+    p = f_softargmax(x, name)
+    torch.testing.assert_close(p, want_p, atol=1e-12, rtol=0)
+    assert (p > 0).sum(1).tolist() == supports
+    torch.testing.assert_close(fdiv_loss(x, t, name, reduction="none"), want_loss, atol=1e-10, rtol=0)
+
+
+def test_alpha_divergences_equal_only_for_the_same_alpha():
+    from hf_fdiv.divergences import AlphaDivergence, get_divergence
+
+    assert get_divergence("alpha:1.5") == AlphaDivergence(1.5)
+    assert get_divergence("alpha:1.5") != get_divergence("alpha:2")
+    assert AlphaDivergence(2.0) != get_divergence("chi2")  # chi2 is sparsemax(x / 2), not alpha = 2
+
+
+def test_learnable_alpha_tensor_without_grad_still_differentiates_the_logits():
+    """A fixed alpha given as a tensor (no grad): the logits' gradient is the VJP of the fixed-alpha
+    operator (alpha needing no gradient must not switch the logits' off)."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(4, 30, generator=g, dtype=torch.float64)
+    go = torch.randn(4, 30, generator=g, dtype=torch.float64)
+    a = x.clone().requires_grad_()
+    f_softargmax(a, torch.tensor(1.5, dtype=torch.float64)).backward(go)
+    b = x.clone().requires_grad_()
+    f_softargmax(b, "alpha:1.5").backward(go)
+    assert a.grad is not None
+    torch.testing.assert_close(a.grad, b.grad, atol=1e-12, rtol=0)
+
+
+def _kernels_on_cpu() -> bool:
+    from hf_fdiv.solver import triton_available
+
+    return triton_available() and not torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _kernels_on_cpu(), reason="the kernels run on CPU tensors only under TRITON_INTERPRET=1")
+def test_triton_backend_runs_the_operator_kernel_for_fp32_and_pytorch_for_fp64(monkeypatch):
+    """HF_FDIV_SOLVER=triton: fp32 logits go through the operator kernel (spied on), fp64 logits (which the
+    kernels do not take) through the PyTorch path; both give the CPU path's p."""
+    from hf_fdiv.solver import triton_kernels
+
+    calls = []
+    original = triton_kernels.softargmax_rows
+    monkeypatch.setattr(triton_kernels, "softargmax_rows", lambda *a, **k: calls.append(a[0].dtype) or original(*a, **k))
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(5, 200, generator=g, dtype=torch.float64) * 2
+    monkeypatch.setenv("HF_FDIV_SOLVER", "chunked")
+    want = f_softargmax(x, "alpha:1.5")
+    monkeypatch.setenv("HF_FDIV_SOLVER", "triton")
+    torch.testing.assert_close(f_softargmax(x, "alpha:1.5"), want, atol=1e-12, rtol=0)
+    assert calls == []
+    torch.testing.assert_close(f_softargmax(x.float(), "alpha:1.5").double(), want, atol=2e-6, rtol=0)
+    assert calls == [torch.float32]

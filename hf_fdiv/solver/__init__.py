@@ -127,9 +127,9 @@ def solver_backend(x: Tensor) -> str:
 def _use_triton(x: Tensor, q, div: FDivergence) -> bool:
     """The Triton operator kernels cover this call (backend ``triton``, scalar q, KL / JS / 1 < alpha <= 2,
     fp32/bf16/fp16)."""
-    if isinstance(q, (Tensor, RowProvider)) or x.dtype == torch.float64 or solver_backend(x) != "triton":
+    if solver_backend(x) != "triton":
         return False
-    from . import triton_kernels
+    from . import triton_kernels  # its supports() refuses tensor references and fp64 logits
 
     return triton_kernels.supports(div, q, x)
 
