@@ -214,7 +214,7 @@ class FDivLossFunction(torch.autograd.Function):
                         _zero_rows(grad, sol.rows, sol.skipped)
                 bad = ~ok if sol.uncertain is None else ~ok & ~sol.uncertain
                 infinite = infinite | bad.any()
-                losses[sol.rows] = loss_c
+                losses[sol.rows] = loss_c.to(losses.dtype)  # alpha > 2 is solved in fp64 for fp32 logits
         if bool(infinite):  # one host check per call: an excluded target makes the loss infinite
             raise _excluded_target_error(not onehot)
         ctx.grad_buffer = grad

@@ -601,3 +601,54 @@ def test_triton_backend_runs_the_operator_kernel_for_fp32_and_pytorch_for_fp64(m
     assert calls == []
     torch.testing.assert_close(f_softargmax(x.float(), "alpha:1.5").double(), want, atol=2e-6, rtol=0)
     assert calls == [torch.float32]
+
+
+# ------------------------------------------------------------------ learnable alpha: the loss's plumbing
+
+
+@pytest.mark.parametrize("alpha", [1.5, 2.5])
+def test_learnable_alpha_loss_equals_the_fixed_alpha_loss_everywhere(alpha):
+    """fdiv_loss with an alpha tensor (no grad) against the fixed-alpha loss (an independent path): 3-D
+    logits with a [V] prior and ignored positions, every reduction, soft targets, label smoothing, one
+    valid target, one row; the logits' gradients too (0 on ignored rows, whatever memory held before).
+    alpha = 2.5 on fp32 logits checks that such alphas are solved in fp64."""
+    from hf_fdiv import fdiv_loss
+
+    dt = torch.float32 if alpha > 2 else torch.float64
+    tol = dict(atol=1e-5, rtol=1e-5) if dt == torch.float32 else dict(atol=1e-12, rtol=1e-12)
+    g = torch.Generator().manual_seed(10)
+    x = (torch.randn(2, 5, 11, generator=g) * 2).to(dt)
+    prior = torch.rand(11, generator=g).to(dt) + 0.3
+    t = torch.randint(0, 11, (2, 5), generator=g)
+    t[0, 1] = t[1, 4] = -7
+    soft = torch.softmax(torch.randn(2, 5, 11, generator=g), -1).to(dt)
+    a = torch.tensor(alpha, dtype=dt)
+    spec = f"alpha:{alpha}"
+    for target, kw in [(t, {}), (soft, {}), (t, {"label_smoothing": 0.2})]:
+        for reduction in ["none", "sum", "mean"]:
+            got = fdiv_loss(x, target, a, prior, ignore_index=-7, reduction=reduction, **kw)
+            want = fdiv_loss(x, target, spec, prior, ignore_index=-7, reduction=reduction, **kw)
+            assert got.shape == want.shape
+            torch.testing.assert_close(got, want, **tol)
+    one = torch.full_like(t, -7)
+    one[1, 2] = 3
+    torch.testing.assert_close(fdiv_loss(x, one, a, ignore_index=-7), fdiv_loss(x, one, spec, ignore_index=-7), **tol)
+    torch.testing.assert_close(fdiv_loss(x[:1, :1], soft[:1, :1], a), fdiv_loss(x[:1, :1], soft[:1, :1], spec), **tol)
+    grads = []
+    for d in (a, spec):
+        junk = torch.full_like(x, float("nan"))  # freed memory of the gradient's size, holding NaN
+        del junk
+        xr = x.clone().requires_grad_()
+        fdiv_loss(xr, t, d, prior, ignore_index=-7, reduction="sum").backward()
+        grads.append(xr.grad)
+    assert bool((grads[0][0, 1] == 0).all()) and bool((grads[0][1, 4] == 0).all())
+    torch.testing.assert_close(grads[0], grads[1], **tol)
+
+
+def test_learnable_alpha_loss_refuses_skip_nonfinite_and_stats_alone():
+    from hf_fdiv import fdiv_loss
+
+    x, t = torch.randn(3, 5), torch.tensor([0, 1, 2])
+    for kw in [{"skip_nonfinite": True}, {"return_stats": True}]:
+        with pytest.raises(ValueError, match="not available with a learnable alpha"):
+            fdiv_loss(x, t, torch.tensor(1.5), **kw)

@@ -626,3 +626,28 @@ def test_power_tail_with_a_tiny_reference_on_the_top_class(monkeypatch, backend,
     want = oracles.reference_bisection(x, name, q=q)
     got = f_softargmax(x, name, reference=q)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["alpha:2.5", "alpha:3"])
+@pytest.mark.parametrize("soft", [False, True], ids=["ids", "smoothed"])
+def test_alpha_above_two_with_ignored_targets_on_low_precision_logits(name, dtype, soft):
+    """alpha > 2 is solved in fp64 for fp32/bf16 logits; with ignored targets (the rows are then listed, not
+    sliced) its fp64 losses must still land in the fp32 per-row vector (this raised a dtype error):
+    each row's loss and gradient equal the fp64 loss of that row alone, and ignored rows give 0."""
+    g = torch.Generator().manual_seed(11)
+    x = (2 * torch.randn(6, 50, generator=g)).to(dtype)
+    t = torch.randint(0, 50, (6,), generator=g)
+    t[[1, 4]] = -100
+    kw = {"label_smoothing": 0.1} if soft else {}
+    xr = x.clone().requires_grad_()
+    got = fdiv_loss(xr, t, name, reduction="none", **kw)
+    got.sum().backward()
+    valid = t != -100
+    x64 = x[valid].double().requires_grad_()
+    want = fdiv_loss(x64, t[valid], name, reduction="none", **kw)
+    want.sum().backward()
+    assert got.dtype == torch.float32 and bool((got[~valid] == 0).all()) and bool((xr.grad[~valid] == 0).all())
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got[valid].double(), want.detach(), atol=tol, rtol=tol)
+    torch.testing.assert_close(xr.grad[valid].double(), x64.grad, atol=tol, rtol=tol)
