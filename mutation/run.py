@@ -17,9 +17,9 @@ runs its fastest failing test (~0.3 s for the numerics, ~1-2 s for the trainers)
 equivalent one runs every test that reaches its function (up to ~17 s, ~50 s). So the run stays short
 only while survivors are few: write the test, or list the mutant. A mutant that makes a loop run
 forever is stopped at 8x its tests' time (``timeout_multiplier``; mutmut's default 30x cost
-minutes per such mutant). Reruns are incremental: only functions whose code changed are re-tested;
-after adding a test, name the survivors it kills (``python mutation/run.py --ref HEAD <names>``) so
-they are re-tested.
+minutes per such mutant). Reruns are incremental: a killed mutant keeps its result while its
+function's code is unchanged; every survivor of an earlier run is tested again (a test written since
+may kill it); the mutants listed in ``mutation/equivalent.txt`` are not run at all (marked skipped).
 
 ``mutation/equivalent.txt`` lists, one per line with why: equivalent mutants (no test can tell them
 apart from the original; left out of the kill rate and not reported again), ``cuda-only:`` ones (the
@@ -126,6 +126,16 @@ GROUP_DROPPED_OPERATORS: dict = {
 SKIPPED_FUNCTIONS: dict = {}
 
 KILLED = {"killed", "timeout", "caught by type check"}
+#: statuses tested again by every whole run (a test may have been written since)
+RETESTED = {"survived", "no tests", "suspicious", "segfault"}
+#: mutmut's exit code for "skipped": what a mutant listed in equivalent.txt gets instead of a run
+SKIPPED_EXIT_CODE = 34
+
+
+def status_by_code(code) -> str:
+    from mutmut.stats import status_by_exit_code
+
+    return status_by_exit_code[code]
 
 
 def copy_tree(dest: Path, ref: str = "") -> None:
@@ -203,7 +213,34 @@ def mutmut_main(argv: list) -> None:
             return original(self, node)
 
         file_mutation.MutationVisitor._skip_node_and_children = skip
+    if argv[:1] == ["run"] and len(argv) == 3:  # a whole run (no mutant names given)
+        _retest_survivors_and_skip_listed()
     cli(argv, standalone_mode=True)
+
+
+def _retest_survivors_and_skip_listed() -> None:
+    """Per whole run: mutants listed in equivalent.txt are not run (marked skipped: no test can kill an
+    equivalent one, and each would run every test that reaches its function); every other survivor (and
+    mutant with no tests) of an earlier run is tested again, since a test written since may kill it. Killed
+    mutants keep their result while their function's code is unchanged (mutmut's own cache)."""
+    import mutmut.__main__ as mm
+
+    listed = set(read_equivalents())
+    original = mm.collect_source_file_mutation_data
+
+    def collect(*, mutant_names):
+        mutants, by_path = original(mutant_names=mutant_names)
+        kept = []
+        for m, key, result in mutants:
+            if key in listed:
+                m.exit_code_by_key[key] = SKIPPED_EXIT_CODE
+                continue
+            kept.append((m, key, None if status_by_code(result) in RETESTED else result))
+        for m in by_path.values():
+            m.save()
+        return kept, by_path
+
+    mm.collect_source_file_mutation_data = collect
 
 
 def read_equivalents() -> dict:
