@@ -652,3 +652,124 @@ def test_learnable_alpha_loss_refuses_skip_nonfinite_and_stats_alone():
     for kw in [{"skip_nonfinite": True}, {"return_stats": True}]:
         with pytest.raises(ValueError, match="not available with a learnable alpha"):
             fdiv_loss(x, t, torch.tensor(1.5), **kw)
+
+
+@pytest.mark.parametrize("with_rows", [False, True], ids=["all_rows", "ignored_targets"])
+def test_learnable_alpha_batched_rows_not_converged_are_resolved_exactly(monkeypatch, with_rows):
+    """The sync-free learnable-alpha solve with one fixed pass (the module's count, read at call time)
+    leaves rows unconverged: they are listed after the chunks and re-solved exactly, also when only some
+    rows are solved (ignored targets), so the loss and its gradients equal the CPU path's."""
+    from hf_fdiv import fdiv_loss
+    from hf_fdiv.solver import learnable_alpha
+
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(9, 40, generator=g, dtype=torch.float64) * 3
+    t = torch.randint(0, 40, (9,), generator=g)
+    if with_rows:
+        t[[0, 5]] = -100
+    out = {}
+    for backend in ["chunked", "batched"]:
+        monkeypatch.setenv("HF_FDIV_SOLVER", backend)
+        monkeypatch.setattr(learnable_alpha, "BATCHED_PASSES", 1)
+        a = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
+        xr = x.clone().requires_grad_()
+        loss = fdiv_loss(xr, t, a, reduction="sum")
+        loss.backward()
+        out[backend] = (loss.detach(), xr.grad, a.grad)
+        p = f_softargmax(x, torch.tensor(1.3, dtype=torch.float64))
+        out[backend] += (p,)
+    for want, got in zip(out["chunked"], out["batched"]):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("alpha_max, expected", [(1.5, "BATCHED_PASSES"), (2.0, "BATCHED_PASSES"),
+                                                 (2.5, "BATCHED_NON_MONOTONE_PASSES"), (1.5, 3)])
+def test_learnable_alpha_batched_pass_counts(monkeypatch, alpha_max, expected):
+    """The sync-free learnable-alpha solve runs a fixed number of Newton passes per chunk: 12 when every
+    alpha <= 2 (monotone), 60 when some alpha > 2, ``max_iter`` when given (counted on the per-row
+    generator's Newton sums; rows that converge need no re-solve)."""
+    from hf_fdiv.solver import learnable_alpha
+
+    calls = []
+    original = learnable_alpha.RowAlpha.newton_sums
+    monkeypatch.setattr(learnable_alpha.RowAlpha, "newton_sums",
+                        lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    monkeypatch.setenv("HF_FDIV_SOLVER", "batched")
+    x = torch.randn(6, 50, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
+    alpha = torch.linspace(1.2, alpha_max, 6, dtype=torch.float64)  # one per row
+    max_iter = expected if isinstance(expected, int) else None
+    f_softargmax(x, alpha, max_iter=max_iter)
+    want = expected if isinstance(expected, int) else getattr(learnable_alpha, expected)
+    if max_iter is None:
+        assert len(calls) == want
+    else:  # 3 fixed passes, then the unconverged rows' exact re-solve with the same cap (3 at most)
+        assert want <= len(calls) <= 2 * want
+
+
+def test_learnable_alpha_with_a_prior_of_zeros_and_ones_equals_the_fixed_alpha_path():
+    """A [V] prior with an excluded class (q = 0) and classes at exactly q = 1: the learnable-alpha operator
+    and loss equal the fixed-alpha ones (q = 0 excludes a class; q = 1 is an ordinary weight)."""
+    from hf_fdiv import fdiv_loss
+
+    g = torch.Generator().manual_seed(14)
+    x = torch.randn(5, 12, generator=g, dtype=torch.float64) * 2
+    q = torch.rand(12, generator=g, dtype=torch.float64) + 0.2
+    q[3], q[[0, 7]] = 0.0, 1.0
+    t = torch.tensor([0, 7, 1, 11, 5])
+    for a in [0.7, 1.5]:
+        at = torch.tensor(a, dtype=torch.float64)
+        p = f_softargmax(x, at, q)
+        assert bool((p[:, 3] == 0).all())
+        torch.testing.assert_close(p, f_softargmax(x, f"alpha:{a}", q), atol=1e-12, rtol=0)
+        torch.testing.assert_close(fdiv_loss(x, t, at, q), fdiv_loss(x, t, f"alpha:{a}", q), atol=1e-12, rtol=0)
+
+
+def test_learnable_alpha_series_pieces_near_their_switch_point():
+    """The Taylor series used for |t| < 0.1 (phi, E, psi of the alpha gradient) against the closed forms in
+    40-digit decimal arithmetic, just below the switch point, where a wrong or missing top coefficient shows."""
+    from decimal import Decimal, getcontext
+
+    from hf_fdiv.solver.learnable_alpha import _E_fn, _phi, _psi
+
+    getcontext().prec = 40
+    ts = [-0.0999, -0.07, 0.05, 0.0999]
+    for fn, exact in [
+        (_phi, lambda t: ((t.exp() - 1 - t) / (t * t))),
+        (_E_fn, lambda t: ((t.exp() - 1) / t)),
+        (_psi, lambda t: ((t * t.exp() - (t.exp() - 1)) / (t * t))),
+    ]:
+        got = fn(torch.tensor(ts, dtype=torch.float64))
+        want = torch.tensor([float(exact(Decimal(repr(t)))) for t in ts], dtype=torch.float64)
+        torch.testing.assert_close(got, want, atol=0, rtol=4e-16)
+
+
+@pytest.mark.skipif(not _kernels_on_cpu(), reason="the kernels run on CPU tensors only under TRITON_INTERPRET=1")
+def test_triton_backend_leaves_what_the_kernels_do_not_cover_to_pytorch(monkeypatch):
+    """HF_FDIV_SOLVER=triton: soft targets, label smoothing, skip mode, stats, a tensor reference and a
+    generator the kernels lack are computed by the PyTorch path: each equals the CPU path's result."""
+    from hf_fdiv import fdiv_loss
+
+    g = torch.Generator().manual_seed(15)
+    x = torch.randn(6, 80, generator=g) * 2
+    x[2, 3] = float("nan")
+    t = torch.randint(0, 80, (6,), generator=g)
+    clean = x.nan_to_num()
+    cases = [
+        (clean, t, "alpha:1.5", {"label_smoothing": 0.1}),
+        (x, t, "alpha:1.5", {"skip_nonfinite": True}),
+        (clean, t, "js", {"return_stats": True}),
+        (clean, t, "alpha:1.5", {"reference": torch.rand(80, generator=g) + 0.5}),
+        (clean, torch.softmax(clean, -1), "alpha:1.5", {}),
+        (clean, t, "reverse_kl", {}),
+    ]
+    for logits, target, div, kw in cases:
+        out = {}
+        for backend in ["chunked", "triton"]:
+            monkeypatch.setenv("HF_FDIV_SOLVER", backend)
+            out[backend] = fdiv_loss(logits, target, div, reduction="none", **kw)
+        got, want = out["triton"], out["chunked"]
+        if kw.get("return_stats"):
+            (got, got_stats), (want, want_stats) = got, want
+            for a, b in zip(got_stats, want_stats):
+                torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
