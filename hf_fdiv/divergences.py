@@ -365,14 +365,6 @@ class _PowerTail:
             return super().newton_eval_grad(prepared, tau, scratch)
         return self._tail(self._distance(prepared, tau, scratch, clamp=True), scratch)
 
-    def newton_eval(self, prepared: Tensor, tau: Tensor) -> tuple[Tensor, Tensor]:
-        if not self._tail_power:
-            return super().newton_eval(prepared, tau)
-        d = self._distance(prepared, tau, None, clamp=True)
-        g = self._tail(d, None)  # d is 1/d now unless k = 2
-        kB = self._tail_power * self._tail_scale
-        return g, kB * g / d if self._tail_power == 2.0 else kB * g * d
-
     def newton_sums(
         self, prepared: Tensor, tau: Tensor, q, scratch: Optional[list] = None
     ) -> tuple[Tensor, Tensor, Tensor]:

@@ -773,3 +773,101 @@ def test_triton_backend_leaves_what_the_kernels_do_not_cover_to_pytorch(monkeypa
             for a, b in zip(got_stats, want_stats):
                 torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+# ------------------------------------------------------------------ passes, attributes, plumbing
+
+
+@pytest.mark.parametrize("name, unit, prior, two", [
+    ("reverse_kl", 2, 3, 1), ("squared_hellinger", 2, 4, 2), ("alpha:0.5", 2, 4, 2), ("alpha:0.75", 3, 4, 3),
+    ("alpha:0.25", 2, 4, 2), ("js", 4, 5, 3), ("alpha:1.5", 5, 5, 5), ("chi2", 6, 6, 5),
+])
+def test_cpu_newton_passes_stay_at_the_measured_counts(monkeypatch, name, unit, prior, two):
+    """Newton passes of the CPU solve of one chunk (2 * randn, 64 x 2000) with q = 1, a [V] prior and q = 2,
+    counted on the generator's Newton sums: at most what was measured when these were written (README,
+    "How the solver works"). A wrong derivative S' still converges, so only the pass count shows it."""
+    from hf_fdiv.divergences import get_divergence
+
+    monkeypatch.setenv("HF_FDIV_SOLVER", "chunked")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 2000, generator=g) * 2
+    q = torch.rand(2000, generator=g) + 0.5
+    div = get_divergence(name)
+    calls = []
+    original = div.newton_sums
+    div.newton_sums = lambda *a, **k: calls.append(1) or original(*a, **k)  # this instance only
+    try:
+        counts = []
+        for reference in [1.0, q, 2.0]:
+            calls.clear()
+            f_softargmax(x, div, reference)
+            counts.append(len(calls))
+    finally:
+        del div.newton_sums
+    assert counts[0] <= unit and counts[1] <= prior and counts[2] <= two, counts
+
+
+def test_alpha_generators_expose_f_prime_at_zero():
+    """f'(0) = -1 / (alpha - 1) for alpha > 1 (the clip of the sparse operators), -inf for alpha < 1."""
+    from hf_fdiv.divergences import AlphaDivergence
+
+    assert AlphaDivergence(1.5).f_prime_zero == -2.0 and AlphaDivergence(3.0).f_prime_zero == -0.5
+    assert AlphaDivergence(0.5).f_prime_zero == float("-inf")
+
+
+def test_fdiv_loss_rows_returns_stats_only_when_asked():
+    from hf_fdiv.divergences import get_divergence
+    from hf_fdiv.losses import fdiv_loss_rows
+
+    x, t = torch.randn(4, 9), torch.tensor([0, 3, -100, 8])
+    div = get_divergence("alpha:1.5")
+    losses, stats = fdiv_loss_rows(x, t, 1.0, div)
+    assert stats is None and losses.shape == (4,)
+    _, stats = fdiv_loss_rows(x, t, 1.0, div, return_stats=True)
+    assert stats is not None and stats.support.shape == (4,)
+
+
+def test_cpu_solve_of_a_short_last_chunk_warns_nothing(monkeypatch):
+    """Chunks of 3 rows over 7 rows of 50 classes (the last chunk shorter, V larger than a chunk's rows):
+    the shifted rows fit their workspace slice exactly (no resize of an out= tensor, no warning)."""
+    import warnings
+
+    from hf_fdiv.solver import chunked
+
+    monkeypatch.setenv("HF_FDIV_SOLVER", "chunked")
+    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 150)
+    x = torch.randn(7, 50, generator=torch.Generator().manual_seed(16), dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p = f_softargmax(x, "reverse_kl")
+    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 1 << 21)
+    torch.testing.assert_close(p, f_softargmax(x, "reverse_kl"), atol=1e-14, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["reverse_kl", "squared_hellinger", "js", "alpha:0.5", "alpha:1.5"])
+def test_loss_value_with_excluded_classes_and_scalar_references(name):
+    """The loss value's per-class sum on its other routes: a [V] prior that excludes two classes equals the
+    loss of the problem without them (reverse KL, f(0) = +inf, included: its excluded classes add nothing),
+    and a scalar reference 2 or 0.5 equals the same reference given as a tensor (another route), and, where
+    f(0) is finite, the fp64 primal loss."""
+    import math
+
+    from oracles import primal_loss
+
+    from hf_fdiv import fdiv_loss
+    from hf_fdiv.divergences import get_divergence
+
+    g = torch.Generator().manual_seed(17)
+    x = torch.randn(5, 30, generator=g, dtype=torch.float64) * 2
+    t = torch.randint(2, 30, (5,), generator=g)
+    q = torch.rand(30, generator=g, dtype=torch.float64) + 0.5
+    q[:2] = 0.0
+    want = fdiv_loss(x[:, 2:], t - 2, name, q[2:], reduction="none")
+    torch.testing.assert_close(fdiv_loss(x, t, name, q, reduction="none"), want, atol=1e-12, rtol=1e-12)
+    y = torch.nn.functional.one_hot(t, 30).double()
+    for scalar in [2.0, 0.5]:
+        got = fdiv_loss(x, t, name, scalar, reduction="none")
+        torch.testing.assert_close(got, fdiv_loss(x, t, name, torch.full((30,), scalar, dtype=torch.float64),
+                                                  reduction="none"), atol=1e-12, rtol=1e-12)
+        if math.isfinite(get_divergence(name).f_zero):
+            torch.testing.assert_close(got, primal_loss(x, y, name, scalar)[0], atol=1e-10, rtol=1e-10)
