@@ -824,7 +824,8 @@ def test_fdiv_loss_rows_returns_stats_only_when_asked():
     losses, stats = fdiv_loss_rows(x, t, 1.0, div)
     assert stats is None and losses.shape == (4,)
     _, stats = fdiv_loss_rows(x, t, 1.0, div, return_stats=True)
-    assert stats is not None and stats.support.shape == (4,)
+    assert stats.support.shape == (4,) and stats.pred[2] == -1 and not bool(stats.solved[2])  # ignored row
+    assert stats.pred[[0, 1, 3]].tolist() == x[[0, 1, 3]].argmax(1).tolist()
 
 
 def test_cpu_solve_of_a_short_last_chunk_warns_nothing(monkeypatch):
@@ -871,3 +872,57 @@ def test_loss_value_with_excluded_classes_and_scalar_references(name):
                                                   reduction="none"), atol=1e-12, rtol=1e-12)
         if math.isfinite(get_divergence(name).f_zero):
             torch.testing.assert_close(got, primal_loss(x, y, name, scalar)[0], atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("backend", ["chunked", "batched"])
+@pytest.mark.parametrize("lazy", [False, True], ids=["tensor_q", "computed_q"])
+@pytest.mark.parametrize("name", ["js", "alpha:1.5"])
+def test_excluded_class_with_the_largest_logit_costs_no_precision(monkeypatch, backend, lazy, name):
+    """A class excluded by q = 0 whose logit is 1000 above the rest (a masked vocabulary entry): the row is
+    shifted by the largest *included* logit, so fp32 keeps its digits: p equals the fp64 solution of the
+    problem without that class (shifting by the excluded logit would cost ~1e-4)."""
+    from hf_fdiv.solver import RowProvider
+
+    monkeypatch.setenv("HF_FDIV_SOLVER", backend)
+    g = torch.Generator().manual_seed(18)
+    x = torch.randn(4, 40, generator=g) * 2
+    x[:, 0] += 1000.0
+    q = torch.rand(40, generator=g) + 0.5
+    q[0] = 0.0
+    want = f_softargmax(x[:, 1:].double(), name, q[1:].double())
+    qs = q.expand(4, 40)
+    ref = RowProvider(lambda rows: qs[rows]) if lazy else q
+    from hf_fdiv.solver import solve_rows
+    from hf_fdiv.divergences import get_divergence
+
+    out = torch.zeros(4, 40)
+    for _ in solve_rows(x, ref, get_divergence(name), out=out):
+        pass
+    assert bool((out[:, 0] == 0).all())
+    torch.testing.assert_close(out[:, 1:].double(), want, atol=1e-6, rtol=0)
+
+
+def test_solver_workspace_option_is_used_or_replaced(monkeypatch):
+    """``solve_rows(..., workspace=buf)`` (CPU backend): a fitting buffer is used; one with too few rows, the
+    wrong V or the wrong dtype is replaced. Every case gives the same p, with no warning."""
+    import warnings
+
+    from hf_fdiv.divergences import get_divergence
+    from hf_fdiv.solver import solve_rows
+
+    x = torch.randn(6, 30, generator=torch.Generator().manual_seed(19))
+    div = get_divergence("reverse_kl")
+
+    def solve(**kw):
+        out = torch.zeros(6, 30)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for _ in solve_rows(x, 1.0, div, out=out, backend="chunked", **kw):
+                pass
+        return out
+
+    want = solve()
+    fitting = torch.empty(6, 30)
+    for ws in [fitting, torch.empty(2, 30), torch.empty(8, 31), torch.empty(6, 30, dtype=torch.float64)]:
+        torch.testing.assert_close(solve(workspace=ws), want, atol=0, rtol=0)
+    assert torch.isfinite(fitting).all()  # the fitting buffer held the shifted rows
