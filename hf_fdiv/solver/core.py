@@ -235,10 +235,9 @@ def bracket(z: Tensor, q: Union[float, Tensor], div: FDivergence) -> tuple[Tenso
 
     ``z`` is max-shifted (its row max is 0)."""
     n, V = z.shape
-    if isinstance(q, Tensor):
-        qf = q.expand_as(z) if q.shape[0] == 1 and n > 1 else q
-        lo = (z - div.f_prime(1.0 / qf)).amax(1)  # max_j (z_j - f'(1/q_j)); excluded z = -inf
-        hi = -div.f_prime(1.0 / qf.sum(1))
+    if isinstance(q, Tensor):  # [1, V] or [n, V]: broadcast against z; hi is broadcast to [n] below
+        lo = (z - div.f_prime(1.0 / q)).amax(1)  # max_j (z_j - f'(1/q_j)); excluded z = -inf
+        hi = -div.f_prime(1.0 / q.sum(1))
     else:
         lo = torch.full((n,), -div.f_prime_scalar(1.0 / q), dtype=z.dtype, device=z.device)
         hi_value = -div.f_prime_scalar(1.0 / (q * V))
