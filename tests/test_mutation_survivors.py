@@ -926,3 +926,37 @@ def test_solver_workspace_option_is_used_or_replaced(monkeypatch):
     for ws in [fitting, torch.empty(2, 30), torch.empty(8, 31), torch.empty(6, 30, dtype=torch.float64)]:
         torch.testing.assert_close(solve(workspace=ws), want, atol=0, rtol=0)
     assert torch.isfinite(fitting).all()  # the fitting buffer held the shifted rows
+
+
+def test_user_dense_generator_with_a_concave_conjugate_gradient():
+    """A user-defined dense f, f(u) = u log u - u + 1 + 3/4 (u - 1)^4, whose (f*)' = (f')^-1 is concave where
+    u = p / q > ~1.05: with q = 1 / (4V) and a nearly flat row every u is near 4, so the Jensen start
+    used for the built-ins (valid for a convex (f*)') would lie above the root. The solver must not use
+    it for a user f: p equals an independent fp64 bisection on tau."""
+    from hf_fdiv.divergences import FDivergence
+
+    def f_prime(u):
+        return torch.log(u) + 3 * (u - 1) ** 3
+
+    def f_prime_inverse(v):  # bisection on log u
+        lo, hi = torch.full_like(v, -700.0), torch.full_like(v, 20.0)
+        for _ in range(120):
+            mid = 0.5 * (lo + hi)
+            above = f_prime(torch.exp(mid)) > v
+            lo, hi = torch.where(above, lo, mid), torch.where(above, mid, hi)
+        return torch.exp(0.5 * (lo + hi))
+
+    div = FDivergence.from_functions("quartic", lambda u: torch.xlogy(u, u) - u + 1 + 0.75 * (u - 1) ** 4, f_prime,
+                                     f_prime_inverse, lambda u: 1 / u + 9 * (u - 1) ** 2)
+    V = 50
+    q = 0.25 / V
+    x = torch.randn(4, V, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.3
+    z = x - x.amax(1, keepdim=True)
+    one = torch.ones((), dtype=torch.float64)
+    lo, hi = -f_prime(one / q) + 0 * z[:, 0], -f_prime(one / (q * V)) + 0 * z[:, 0]  # sum p >= 1 at lo, <= 1 at hi
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        heavy = (q * f_prime_inverse(z - mid[:, None])).sum(1) >= 1
+        lo, hi = torch.where(heavy, mid, lo), torch.where(heavy, hi, mid)
+    want = q * f_prime_inverse(z - (0.5 * (lo + hi))[:, None])
+    torch.testing.assert_close(f_softargmax(x, div, q), want / want.sum(1, keepdim=True), atol=1e-12, rtol=0)
