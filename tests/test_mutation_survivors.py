@@ -960,3 +960,54 @@ def test_user_dense_generator_with_a_concave_conjugate_gradient():
         lo, hi = torch.where(heavy, mid, lo), torch.where(heavy, hi, mid)
     want = q * f_prime_inverse(z - (0.5 * (lo + hi))[:, None])
     torch.testing.assert_close(f_softargmax(x, div, q), want / want.sum(1, keepdim=True), atol=1e-12, rtol=0)
+
+
+def test_soft_target_checks_say_what_is_wrong():
+    """Soft targets: a negative or NaN entry, or a row not summing to 1 (only one row off), raise a
+    ValueError that says so; an empty batch passes."""
+    from hf_fdiv import fdiv_loss
+
+    x = torch.randn(3, 5)
+    good = torch.softmax(torch.randn(3, 5), -1)
+    neg = good.clone()
+    neg[1, 0], neg[1, 1] = -0.1, neg[1, 1] + 0.1 + neg[1, 0]  # still sums to 1
+    nan = good.clone()
+    nan[2, 3] = float("nan")
+    with pytest.raises(ValueError, match="negative, NaN or inf"):
+        fdiv_loss(x, neg, "alpha:1.5")
+    with pytest.raises(ValueError, match="negative, NaN or inf"):
+        fdiv_loss(x, nan, "alpha:1.5")
+    half = good.clone()
+    half[0] *= 0.5
+    with pytest.raises(ValueError, match=r"must sum to 1 \(got sums in \[0.5, 1\]\)"):
+        fdiv_loss(x, half, "alpha:1.5")
+    empty = fdiv_loss(torch.randn(0, 5), torch.zeros(0, 5), "alpha:1.5", reduction="sum")
+    assert float(empty) == 0.0
+
+
+def test_a_cpu_solve_tunes_the_allocator_once(monkeypatch):
+    """The first CPU solve of a process sets glibc's thresholds (issue 22's process-to-process spread)."""
+    from hf_fdiv.solver import cpu_allocator
+
+    monkeypatch.delenv("HF_FDIV_TUNE_MALLOC", raising=False)
+    monkeypatch.setattr(cpu_allocator, "_state", {})
+    f_softargmax(torch.randn(2, 7), "alpha:1.5")
+    assert "tuned" in cpu_allocator._state
+
+
+def test_alpha_above_two_on_fp32_logits_is_solved_in_fp64():
+    """alpha = 3 on fp32 logits with a class placed on the support boundary (z - tau = f'(0), up to fp32
+    rounding), where p ~ sqrt(z - tau - f'(0)) moves by ~sqrt(eps) per ulp of tau: the fp64 solve, rounded
+    once, matches the fp64 bisection to 1e-7 (an fp32 solve puts 0 where the mass is 6e-7)."""
+    from oracles import reference_bisection
+
+    g = torch.Generator().manual_seed(20)
+    x = torch.randn(16, 200, generator=g) * 3
+    x[:, 0] = -1e4
+    p = reference_bisection(x.double(), "alpha:3")
+    top = p.argmax(1, keepdim=True)
+    tau = x.double().gather(1, top).squeeze(1) - (p.gather(1, top).squeeze(1) ** 2 - 1) / 2  # p_j^2 = 1 + 2 (z_j - tau)
+    x[:, 0] = (tau - 0.5).float()
+    want = reference_bisection(x.double(), "alpha:3")
+    assert float(want[:, 0].max()) > 5e-7
+    torch.testing.assert_close(f_softargmax(x, "alpha:3").double(), want, atol=1e-7, rtol=0)
