@@ -981,6 +981,14 @@ def test_soft_target_checks_say_what_is_wrong():
     half[0] *= 0.5
     with pytest.raises(ValueError, match=r"must sum to 1 \(got sums in \[0.5, 1\]\)"):
         fdiv_loss(x, half, "alpha:1.5")
+    over = good.clone()
+    over[2] *= 1.5
+    with pytest.raises(ValueError, match=r"must sum to 1 \(got sums in \[1, 1.5\]\)"):
+        fdiv_loss(x, over, "alpha:1.5")
+    with pytest.raises(ValueError, match="integer class ids or a float distribution"):
+        fdiv_loss(x, torch.ones(3, dtype=torch.bool), "alpha:1.5")
+    with pytest.raises(ValueError, match=r"logits.shape\[:-1\] = \(2, 3\), got \(3, 2\)"):
+        fdiv_loss(torch.randn(2, 3, 5), torch.zeros(3, 2, dtype=torch.long), "alpha:1.5")
     empty = fdiv_loss(torch.randn(0, 5), torch.zeros(0, 5), "alpha:1.5", reduction="sum")
     assert float(empty) == 0.0
 
@@ -1011,3 +1019,20 @@ def test_alpha_above_two_on_fp32_logits_is_solved_in_fp64():
     want = reference_bisection(x.double(), "alpha:3")
     assert float(want[:, 0].max()) > 5e-7
     torch.testing.assert_close(f_softargmax(x, "alpha:3").double(), want, atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("alpha, most", [(1.5, 6), (0.7, 7), (2.5, 8)])
+def test_learnable_alpha_cpu_passes_stay_at_the_measured_counts(monkeypatch, alpha, most):
+    """Newton passes of the CPU learnable-alpha solve (one alpha per row around ``alpha``, one chunk),
+    counted on the per-row generator's Newton sums: at most what was measured when this was written. A
+    wrong step (the per-row transform's formula) still converges, so only the count shows it."""
+    from hf_fdiv.solver import learnable_alpha
+
+    calls = []
+    original = learnable_alpha.RowAlpha.newton_sums
+    monkeypatch.setattr(learnable_alpha.RowAlpha, "newton_sums",
+                        lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    monkeypatch.setenv("HF_FDIV_SOLVER", "chunked")
+    x = torch.randn(8, 300, generator=torch.Generator().manual_seed(21), dtype=torch.float64) * 2
+    f_softargmax(x, alpha + 0.1 * torch.linspace(-1, 1, 8, dtype=torch.float64))
+    assert len(calls) <= most, len(calls)
