@@ -781,6 +781,8 @@ def test_triton_backend_leaves_what_the_kernels_do_not_cover_to_pytorch(monkeypa
 @pytest.mark.parametrize("name, unit, prior, two", [
     ("reverse_kl", 2, 3, 1), ("squared_hellinger", 2, 4, 2), ("alpha:0.5", 2, 4, 2), ("alpha:0.75", 3, 4, 3),
     ("alpha:0.25", 2, 4, 2), ("js", 4, 5, 3), ("alpha:1.5", 5, 5, 5), ("chi2", 6, 6, 5),
+    # the safeguarded (non-monotone) search: alpha > 2 and user-defined generators
+    ("alpha:3", 12, 20, 12), ("alpha:4", 21, 56, 12), ("user_kl", 2, 2, 2), ("user_entmax15", 7, 7, 7),
 ])
 def test_cpu_newton_passes_stay_at_the_measured_counts(monkeypatch, name, unit, prior, two):
     """Newton passes of the CPU solve of one chunk (2 * randn, 64 x 2000) with q = 1, a [V] prior and q = 2,
@@ -788,11 +790,19 @@ def test_cpu_newton_passes_stay_at_the_measured_counts(monkeypatch, name, unit, 
     "How the solver works"). A wrong derivative S' still converges, so only the pass count shows it."""
     from hf_fdiv.divergences import get_divergence
 
+    from hf_fdiv.divergences import FDivergence
+
     monkeypatch.setenv("HF_FDIV_SOLVER", "chunked")
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 2000, generator=g) * 2
     q = torch.rand(2000, generator=g) + 0.5
-    div = get_divergence(name)
+    if name == "user_kl":
+        div = FDivergence.from_functions(name, lambda u: torch.xlogy(u, u) - u + 1, torch.log, torch.exp, lambda u: 1 / u)
+    elif name == "user_entmax15":  # f(u) = 4/3 (u^1.5 - 1.5 u + 0.5): sparse
+        div = FDivergence.from_functions(name, lambda u: 4 / 3 * (u ** 1.5 - 1.5 * u + 0.5), lambda u: 2 * (u.sqrt() - 1),
+                                         lambda v: (v / 2 + 1) ** 2, lambda u: 1 / u.sqrt())
+    else:
+        div = get_divergence(name)
     calls = []
     original = div.newton_sums
     div.newton_sums = lambda *a, **k: calls.append(1) or original(*a, **k)  # this instance only
