@@ -1046,3 +1046,49 @@ def test_learnable_alpha_cpu_passes_stay_at_the_measured_counts(monkeypatch, alp
     x = torch.randn(8, 300, generator=torch.Generator().manual_seed(21), dtype=torch.float64) * 2
     f_softargmax(x, alpha + 0.1 * torch.linspace(-1, 1, 8, dtype=torch.float64))
     assert len(calls) <= most, len(calls)
+
+
+# ------------------------------------------------------------------ references and shapes at the API
+
+
+def test_reference_layouts_on_3d_logits_equal_row_by_row_solves():
+    """[B, T, V] logits with references given as [V], [1, 1, V], [1, T, V], [T, V], [B, 1, V], [B, T, V] (and an integer
+    tensor): each equals the row-by-row solve with that row's [V] prior (another route: 2-D, 1-D prior)."""
+    g = torch.Generator().manual_seed(22)
+    B, T, V = 2, 3, 7
+    x = torch.randn(B, T, V, generator=g, dtype=torch.float64) * 2
+    full = torch.rand(B, T, V, generator=g, dtype=torch.float64) + 0.2
+    refs = {
+        "prior": full[0, 0], "[1,1,V]": full[:1, :1], "[1,T,V]": full[:1], "[T,V]": full[0], "[B,1,V]": full[:, :1],
+        "[B,T,V]": full,
+        "int": torch.randint(1, 4, (B, T, V), generator=g),
+    }
+    for name, q in refs.items():
+        qf = q.double().expand(B, T, V)
+        want = torch.stack([torch.stack([f_softargmax(x[b, t][None], "alpha:1.5", qf[b, t])[0] for t in range(T)])
+                            for b in range(B)])
+        torch.testing.assert_close(f_softargmax(x, "alpha:1.5", q), want, atol=1e-12, rtol=0, msg=name)
+
+
+def test_reference_with_the_class_axis_in_the_middle():
+    """Logits [B, V, T] with dim=1 and a reference [B, V, 1] in the logits' layout: the class axis is moved
+    last for both (the row-by-row oracle takes x[b, :, t] with q[b, :, 0])."""
+    g = torch.Generator().manual_seed(23)
+    x = torch.randn(2, 6, 4, generator=g, dtype=torch.float64)
+    q = torch.rand(2, 6, 1, generator=g, dtype=torch.float64) + 0.3
+    got = f_softargmax(x, "js", q, dim=1)
+    for b in range(2):
+        for t in range(4):
+            torch.testing.assert_close(got[b, :, t], f_softargmax(x[b, :, t][None], "js", q[b, :, 0])[0],
+                                       atol=1e-12, rtol=0)
+
+
+def test_bad_scalar_references_and_shapes_raise_clearly():
+    x = torch.randn(3, 5)
+    for bad in [0.0, -1.0, float("inf"), float("nan")]:
+        with pytest.raises(ValueError, match="a scalar reference must be finite and > 0"):
+            f_softargmax(x, "alpha:1.5", bad)
+    with pytest.raises(ValueError, match="zero classes"):
+        f_softargmax(torch.randn(2, 3, 0), "alpha:1.5")
+    v = torch.randn(5, dtype=torch.float64)  # one row given as a vector
+    torch.testing.assert_close(f_softargmax(v, "alpha:1.5"), f_softargmax(v[None], "alpha:1.5")[0], atol=0, rtol=0)
