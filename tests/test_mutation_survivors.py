@@ -1092,3 +1092,18 @@ def test_bad_scalar_references_and_shapes_raise_clearly():
         f_softargmax(torch.randn(2, 3, 0), "alpha:1.5")
     v = torch.randn(5, dtype=torch.float64)  # one row given as a vector
     torch.testing.assert_close(f_softargmax(v, "alpha:1.5"), f_softargmax(v[None], "alpha:1.5")[0], atol=0, rtol=0)
+
+
+def test_backend_choice_without_triton(monkeypatch):
+    """Where Triton cannot be imported, HF_FDIV_SOLVER=triton is refused with the fix, and the other
+    backends work as usual (the check concerns the triton choice only)."""
+    import hf_fdiv.solver as solver
+
+    monkeypatch.setattr(solver, "triton_available", lambda: False)
+    x = torch.randn(2, 5)
+    monkeypatch.setenv("HF_FDIV_SOLVER", "triton")
+    with pytest.raises(ValueError, match=r"HF_FDIV_SOLVER=triton but Triton cannot be imported"):
+        solver.solver_backend(x)
+    for choice in ["chunked", "batched"]:
+        monkeypatch.setenv("HF_FDIV_SOLVER", choice)
+        assert solver.solver_backend(x) == choice
