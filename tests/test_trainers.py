@@ -326,6 +326,14 @@ def test_model_card_parses_and_names_the_loss(tok, tmp_path):
     assert "initialised in code" in card2.text and "[None]" not in card2.text
     assert "cross-entropy" in card2.text
 
+    # Trainer.create_model_card (what push_to_hub calls): the dataset and the Hub id reach the card
+    tr2.args.hub_model_id = "someone/tiny-fdiv"
+    tr2.create_model_card(dataset_name="my-corpus")
+    card3 = ModelCard.load(str(out2 / "README.md"))
+    assert "my-corpus" in str(card3.data.datasets) and "someone/tiny-fdiv" in card3.text
+    tr2.create_model_card(dataset="other-corpus")  # transformers' keyword
+    assert "other-corpus" in str(ModelCard.load(str(out2 / "README.md")).data.datasets)
+
 
 def test_configs_validate_and_parse(tmp_path):
     with pytest.raises(ValueError, match="unknown divergence"):
