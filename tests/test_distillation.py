@@ -307,6 +307,8 @@ def test_stored_topk_from_another_vocabulary_is_refused():
     lp = torch.log(torch.tensor([[[0.6, 0.3], [0.5, 0.4]]]))
     with pytest.raises(ValueError, match="ids reach 9 but the student has 8 classes"):
         TopKLogProbs(ids, lp, num_classes=8, temperature=1.0)
+    with pytest.raises(ValueError, match="ids reach 9 but the student has 9 classes"):  # id == V: one past the end
+        TopKLogProbs(ids, lp, num_classes=9, temperature=1.0)
     full = TopKLogProbs(ids, lp, num_classes=10, temperature=1.0)(torch.tensor([0, 1]))
     torch.testing.assert_close(full.exp().sum(-1), torch.ones(2))
     assert abs(float(full[0, 5].exp()) - 0.3) < 1e-6
