@@ -372,6 +372,23 @@ def test_teacher_log_probs_from_the_model_and_from_hidden_states(tok):
         hidden = teacher.base_model(**inputs).last_hidden_state
     want = torch.log_softmax(logits[rows] / 2.0, -1)
     torch.testing.assert_close(TeacherLogProbs(teacher, inputs, V, 2.0)(rows), want, atol=1e-5, rtol=1e-5)
+
+    class WholeOnly(torch.nn.Module):  # no separate backbone (base_model is itself): one full forward
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        @property
+        def base_model(self):
+            return self
+
+        def get_output_embeddings(self):
+            return self.inner.get_output_embeddings()
+
+        def forward(self, **kw):
+            return self.inner(**kw)
+
+    torch.testing.assert_close(TeacherLogProbs(WholeOnly(teacher), inputs, V, 2.0)(rows), want, atol=1e-5, rtol=1e-5)
     head = torch.nn.Linear(32, V, bias=True)
     with torch.no_grad():
         head.weight.copy_(teacher.get_output_embeddings().weight)
