@@ -168,7 +168,8 @@ def write_config(dest: Path, modules: list, tests: list, jobs: int) -> None:
     lines = ["[mutmut]", "source_paths = hf_fdiv", "only_mutate ="]
     lines += [f"    {m}" for m in modules]
     lines += ["pytest_add_cli_args_test_selection ="] + [f"    {t}" for t in tests]
-    lines += ["pytest_add_cli_args =", "    -p", "    no:cacheprovider"]
+    # the `slow` tests (quality runs, 2-process runs, the 2^31-element fused run) stay in `make test-slow`
+    lines += ["pytest_add_cli_args =", "    -p", "    no:cacheprovider", "    -m", "    not slow"]
     lines += ["also_copy =", "    examples/"]
     # torch is not fork-safe after threads start: fork workers from a server that imported the tests only
     lines += ["process_isolation = forkserver", "use_git_change_detection = false"]
