@@ -396,3 +396,26 @@ def test_teacher_log_probs_from_the_model_and_from_hidden_states(tok):
         want = torch.log_softmax((hidden.reshape(-1, 32)[rows] @ head.weight.T + head.bias) / 2.0, -1)
     got = TeacherLogProbs.from_hidden(hidden, head, teacher.config, V, 2.0)(rows)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_trainer_args_teacher_loading_and_vocabularies(tok, tmp_path):
+    """The distillation trainer refuses a config of another class; a teacher loaded by path takes its
+    init kwargs (dtype by name, the old torch_dtype key, "auto" kept); vocabularies that differ only by
+    padding rows beyond the tokenizer share the smaller size, including a tokenizer of exactly that size."""
+    from transformers import TrainingArguments
+
+    from hf_fdiv.trainers.teacher import common_vocab, load_teacher
+
+    with pytest.raises(ValueError, match="needs args=FDivDistillationConfig"):
+        FDivDistillationTrainer(model=make_model(tok), teacher_model=make_model(tok),
+                                args=TrainingArguments(str(tmp_path / "x")), train_dataset=messages_dataset(4),
+                                processing_class=tok)
+    make_model(tok, hidden=32, seed=1).save_pretrained(tmp_path / "teacher")
+    path = str(tmp_path / "teacher")
+    assert next(load_teacher(path, {"dtype": "bfloat16"}).parameters()).dtype == torch.bfloat16
+    assert next(load_teacher(path, {"torch_dtype": "float64"}).parameters()).dtype == torch.float64
+    assert next(load_teacher(path, {"dtype": "auto"}).parameters()).dtype == torch.float32
+    assert next(load_teacher(path, None).parameters()).dtype == torch.float32
+    assert common_vocab(10, 12, 10) == 10 and common_vocab(12, 10, 9) == 10
+    with pytest.raises(ValueError, match="vocabularies differ"):
+        common_vocab(10, 12, 11)

@@ -411,3 +411,29 @@ def test_compute_metrics_takes_class_logits(kind, tmp_path):
     assert metrics["eval_token_accuracy"] == pytest.approx(float((x.argmax(-1) == y).double().mean()), abs=1e-9)
     support = (f_softargmax(x, "alpha:1.5") > 0).double().sum(-1).mean()
     assert metrics["eval_support_size"] == pytest.approx(float(support), rel=1e-6)
+
+
+def test_fused_head_input_only_for_a_plain_linear_head_without_a_logit_transform():
+    """A masked LM's output layer is fused at its input only when the logits are exactly head(x) for a plain
+    nn.Linear: not with a logit scale, a soft-cap, or a head that is some other module with a weight."""
+    from hf_fdiv.trainers.loss_path import fused_head_input
+
+    model = make_model("masked_lm")
+    found = fused_head_input(model)
+    assert found is not None and found[1] is model.get_output_embeddings()
+    for key, value in [("logit_scale", 0.5), ("final_logit_softcapping", 30.0)]:
+        other = make_model("masked_lm")
+        setattr(other.config, key, value)
+        assert fused_head_input(other) is None, key
+
+    class ScaledHead(torch.nn.Module):  # has a weight, but its output is not x W^T + b
+        def __init__(self, linear):
+            super().__init__()
+            self.weight, self.bias = linear.weight, linear.bias
+
+        def forward(self, x):
+            return 2 * torch.nn.functional.linear(x, self.weight, self.bias)
+
+    other = make_model("masked_lm")
+    other.set_output_embeddings(ScaledHead(other.get_output_embeddings()))
+    assert fused_head_input(other) is None
