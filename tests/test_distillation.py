@@ -419,3 +419,37 @@ def test_trainer_args_teacher_loading_and_vocabularies(tok, tmp_path):
     assert common_vocab(10, 12, 10) == 10 and common_vocab(12, 10, 9) == 10
     with pytest.raises(ValueError, match="vocabularies differ"):
         common_vocab(10, 12, 11)
+
+
+def test_distillation_config_combinations_refused_before_training(tok, tmp_path):
+    """Offline top-k columns with on-policy generation, packing or padding-free, and on-policy generation
+    with packing or padding-free, are refused with the reason; packing without on-policy generation is fine."""
+    offline = messages_dataset(4).add_column("teacher_topk_ids", [[[0]]] * 4)
+    for extra in [{"lmbda": 0.5}, {"packing": True}, {"padding_free": True}]:
+        args = FDivDistillationConfig(output_dir=str(tmp_path / "o"), **{**SFT_COMMON, **extra})
+        with pytest.raises(ValueError, match="offline top-k teacher supports neither"):
+            FDivDistillationTrainer(model=make_model(tok), args=args, train_dataset=offline, processing_class=tok)
+    for extra in [{"packing": True}, {"padding_free": True}]:
+        args = FDivDistillationConfig(output_dir=str(tmp_path / "p"), **{**SFT_COMMON, "lmbda": 0.5, **extra})
+        with pytest.raises(ValueError, match="needs padded batches"):
+            FDivDistillationTrainer(model=make_model(tok), teacher_model=make_model(tok), args=args,
+                                    train_dataset=messages_dataset(4), processing_class=tok)
+    args = FDivDistillationConfig(output_dir=str(tmp_path / "q"), **{**SFT_COMMON, "packing": True})
+    FDivDistillationTrainer(model=make_model(tok), teacher_model=make_model(tok), args=args,
+                            train_dataset=messages_dataset(4), processing_class=tok)
+
+
+def test_output_rows_reads_the_head_not_the_config(tok):
+    """The classes of a model's logits are its head's rows (a head padded beyond config.vocab_size counts
+    them); a model without an output layer falls back to config.vocab_size."""
+    from transformers import BertConfig, BertModel
+
+    from hf_fdiv.trainers.loss_path import output_rows
+
+    model = make_model(tok)
+    rows = model.get_output_embeddings().weight.shape[0]
+    model.config.vocab_size = rows - 5  # as when the head was padded to a multiple of 64
+    assert output_rows(model) == rows
+    headless = BertModel(BertConfig(vocab_size=37, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                    intermediate_size=32))
+    assert output_rows(headless) == 37
