@@ -462,31 +462,30 @@ def _softargmax_bwd_kernel(
     DXrow = DX + row * stride_dx
     offs = tl.arange(0, BLOCK_V)
     if ONE_BLOCK:  # p and g read once, kept in registers for the write
-        mask = offs < V
-        p = tl.load(Prow + offs, mask=mask, other=0.0).to(tl.float32)
-        go = tl.load(GOrow + offs, mask=mask, other=0.0).to(tl.float32)
-        s = _jacobian_weight(p, q, s_scale, two_minus_alpha, KIND)
+        s, go, mask = _weight_and_grad(Prow, GOrow, offs, V, q, s_scale, two_minus_alpha, KIND)
         ratio = tl.sum(s * go, axis=0) / tl.sum(s, axis=0)
         tl.store(DXrow + offs, (s * (go - ratio)).to(DX.dtype.element_ty), mask=mask)
     else:
         acc_s = tl.zeros([BLOCK_V], dtype=tl.float32)
         acc_sg = tl.zeros([BLOCK_V], dtype=tl.float32)
         for start in range(0, V, BLOCK_V):
-            cols = start + offs
-            mask = cols < V
-            p = tl.load(Prow + cols, mask=mask, other=0.0).to(tl.float32)
-            go = tl.load(GOrow + cols, mask=mask, other=0.0).to(tl.float32)
-            s = _jacobian_weight(p, q, s_scale, two_minus_alpha, KIND)
+            s, go, _ = _weight_and_grad(Prow, GOrow, start + offs, V, q, s_scale, two_minus_alpha, KIND)
             acc_s += s
             acc_sg += s * go
         ratio = tl.sum(acc_sg, axis=0) / tl.sum(acc_s, axis=0)
         for start in range(0, V, BLOCK_V):
             cols = start + offs
-            mask = cols < V
-            p = tl.load(Prow + cols, mask=mask, other=0.0).to(tl.float32)
-            go = tl.load(GOrow + cols, mask=mask, other=0.0).to(tl.float32)
-            s = _jacobian_weight(p, q, s_scale, two_minus_alpha, KIND)
+            s, go, mask = _weight_and_grad(Prow, GOrow, cols, V, q, s_scale, two_minus_alpha, KIND)
             tl.store(DXrow + cols, (s * (go - ratio)).to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _weight_and_grad(Prow, GOrow, cols, V, q, s_scale, two_minus_alpha, KIND: tl.constexpr):
+    """(s, g, mask) at the columns ``cols`` of a row: the Jacobian weight from p and the upstream gradient."""
+    mask = cols < V
+    p = tl.load(Prow + cols, mask=mask, other=0.0).to(tl.float32)
+    go = tl.load(GOrow + cols, mask=mask, other=0.0).to(tl.float32)
+    return _jacobian_weight(p, q, s_scale, two_minus_alpha, KIND), go, mask
 
 
 @triton.jit
