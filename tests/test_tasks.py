@@ -437,3 +437,55 @@ def test_fused_head_input_only_for_a_plain_linear_head_without_a_logit_transform
     other = make_model("masked_lm")
     other.set_output_embeddings(ScaledHead(other.get_output_embeddings()))
     assert fused_head_input(other) is None
+
+
+def test_virtual_tokens_and_label_alignment_of_prompt_learning_adapters():
+    """Positions a prompt-learning adapter prepends (read from PEFT's active config): prompt tuning's
+    num_virtual_tokens; 0 for prefix tuning (keys/values, not positions), for other adapters and for plain
+    models; labels are left-padded with -100 by exactly that many positions."""
+    from types import SimpleNamespace
+
+    from hf_fdiv.trainers.loss_path import align_to_virtual_tokens, virtual_tokens
+
+    def adapted(**config):
+        return SimpleNamespace(active_peft_config=SimpleNamespace(**config))
+
+    prompt = adapted(is_prompt_learning=True, peft_type="PROMPT_TUNING", num_virtual_tokens=5)
+    assert virtual_tokens(prompt) == 5
+    assert virtual_tokens(adapted(is_prompt_learning=True, peft_type="PeftType.PREFIX_TUNING", num_virtual_tokens=5)) == 0
+    assert virtual_tokens(adapted(is_prompt_learning=False, peft_type="LORA", num_virtual_tokens=4)) == 0
+    assert virtual_tokens(adapted(peft_type="LORA", num_virtual_tokens=3)) == 0  # no is_prompt_learning: not one
+    assert virtual_tokens(adapted(is_prompt_learning=True, peft_type="P_TUNING", num_virtual_tokens=None)) == 0
+    assert virtual_tokens(SimpleNamespace()) == 0
+    labels = torch.tensor([[1, 2, 3], [4, -100, 6]])
+    assert align_to_virtual_tokens(labels, None) is labels and align_to_virtual_tokens(labels, SimpleNamespace()) is labels
+    torch.testing.assert_close(align_to_virtual_tokens(labels, prompt)[:, :5], torch.full((2, 5), -100))
+    torch.testing.assert_close(align_to_virtual_tokens(labels, prompt)[:, 5:], labels)
+
+
+def test_fused_head_needs_a_separate_backbone_with_the_head_beside_it():
+    """The causal-LM fused path needs a backbone that is not the model itself and a head that is one of the
+    model's own children (BERT's decoder inside cls.predictions is not)."""
+    from hf_fdiv.trainers.loss_path import fused_head
+
+    causal = make_model("causal_lm")
+    found = fused_head(causal)
+    assert found is not None and found[1] is causal.get_output_embeddings()
+    assert fused_head(make_model("bert_lm_head")) is None
+
+    class Itself(torch.nn.Module):  # base_model is the model: no separate backbone
+        def __init__(self):
+            super().__init__()
+            self.lm_head, self.config = torch.nn.Linear(4, 6), causal.config
+
+        @property
+        def base_model(self):
+            return self
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+        def forward(self, input_ids=None, logits_to_keep=0):  # what a causal LM's forward accepts
+            raise NotImplementedError
+
+    assert fused_head(Itself()) is None
