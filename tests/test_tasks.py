@@ -144,12 +144,14 @@ def test_large_vocabulary_heads_are_fused_and_equal_the_materialised_loss(kind, 
         batch = next(iter(trainer.get_train_dataloader()))
         seen = []
         head = model.get_output_embeddings()
-        handle = model.register_forward_hook(lambda m, a, out: seen.append(out.logits.stride()))
+        handle = model.register_forward_hook(lambda m, a, out: seen.append((out.logits.stride(), out.logits.shape)))
         loss = trainer.compute_loss(model, dict(batch))
         handle.remove()
         loss.backward()
         runs.append((float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters()}))
-        assert (seen[0][-1] == 0) == fused and head.forward.__self__ is head  # the stand-in is gone
+        assert (seen[0][0][-1] == 0) == fused and head.forward.__self__ is head  # the stand-in is gone
+        # the stand-in's logits keep the model's shape (outputs.logits of a returned output stay [..., T, V])
+        assert seen[0][1][-1] == head.out_features and len(seen[0][1]) == 3
     assert abs(runs[0][0] - runs[1][0]) <= 1e-5
     assert max_diff(runs[0][1], runs[1][1]) <= 1e-5
 
