@@ -1107,3 +1107,50 @@ def test_backend_choice_without_triton(monkeypatch):
     for choice in ["chunked", "batched"]:
         monkeypatch.setenv("HF_FDIV_SOLVER", choice)
         assert solver.solver_backend(x) == choice
+
+
+@pytest.mark.parametrize("q", [0.5, 2.0])
+def test_user_generator_operator_backward_with_a_scalar_reference(q):
+    """entmax15's generator written with from_functions, with a scalar reference q != 1: its operator's VJP
+    (through the user generator's Jacobian weight q / f''(p / q) = q sqrt(p / q)) equals the built-in
+    alpha = 1.5's (its own closed form)."""
+    from hf_fdiv.divergences import FDivergence
+
+    user = FDivergence.from_functions("user15", lambda u: 4 / 3 * (u ** 1.5 - 1.5 * u + 0.5), lambda u: 2 * (u.sqrt() - 1),
+                                      lambda v: (v / 2 + 1) ** 2, lambda u: 1 / u.sqrt())
+    g = torch.Generator().manual_seed(24)
+    x = torch.randn(4, 9, generator=g, dtype=torch.float64)
+    go = torch.randn(4, 9, generator=g, dtype=torch.float64)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    f_softargmax(a, user, q).backward(go)
+    f_softargmax(b, "alpha:1.5", q).backward(go)
+    torch.testing.assert_close(a.grad, b.grad, atol=1e-12, rtol=0)
+
+
+def test_zero_safe_user_subclass_loss_takes_the_generic_row_sum():
+    """A user subclass that declares bregman_zero_safe (KL: c(0) = 0) has its loss value summed by the
+    base class's generic row sum: it equals the built-in KL loss."""
+    from hf_fdiv import fdiv_loss
+
+    div = _SubclassedKL.make()
+    div.bregman_zero_safe = True
+    g = torch.Generator().manual_seed(25)
+    x = torch.randn(5, 11, generator=g, dtype=torch.float64)
+    t = torch.randint(0, 11, (5,), generator=g)
+    torch.testing.assert_close(fdiv_loss(x, t, div, reduction="none"), fdiv_loss(x, t, "kl", reduction="none"),
+                               atol=1e-12, rtol=0)
+
+
+@pytest.mark.skipif(not _kernels_on_cpu(), reason="the kernels run on CPU tensors only under TRITON_INTERPRET=1")
+def test_triton_operator_rows_the_kernel_does_not_certify_are_resolved(monkeypatch):
+    """With one Newton pass the operator kernel certifies no row: each is re-solved by the exact PyTorch
+    path, so p equals the CPU path's."""
+    from hf_fdiv.solver import triton_kernels
+
+    g = torch.Generator().manual_seed(26)
+    x = torch.randn(5, 120, generator=g) * 2
+    monkeypatch.setenv("HF_FDIV_SOLVER", "chunked")
+    want = f_softargmax(x, "alpha:1.5")
+    monkeypatch.setenv("HF_FDIV_SOLVER", "triton")
+    monkeypatch.setattr(triton_kernels, "DEFAULT_N_ITER_ALPHA", 1)
+    torch.testing.assert_close(f_softargmax(x, "alpha:1.5"), want, atol=1e-6, rtol=0)
