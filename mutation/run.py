@@ -12,8 +12,10 @@ Operators: mutmut's own, minus three that would triple the run without testing t
 the numerics). Every module the issue names is mutated; no function is skipped (``SKIPPED_FUNCTIONS``
 is there for a function that only a slow test file reaches, with the reason next to it).
 
-Time budget (2 cores, ``--jobs 2``): under 30 minutes for both groups. What it costs: a killed mutant
-runs its fastest failing test (~0.3 s for the numerics, ~1-2 s for the trainers); a surviving or
+Time (2 cores, ``--jobs 2``; issue 25 asks for under 30 minutes for both groups, not met yet): from a
+clean start the numerics group took 24.6 minutes (about 2 s per killed mutant, mostly pytest's
+per-mutant session rather than the tests) and the trainers group more than 10. What it costs: a killed
+mutant runs its fastest failing test (~0.3 s for the numerics, ~1-2 s for the trainers); a surviving or
 equivalent one runs every test that reaches its function (up to ~17 s, ~50 s). So the run stays short
 only while survivors are few: write the test, or list the mutant. A mutant that makes a loop run
 forever is stopped at 8x its tests' time (``timeout_multiplier``; mutmut's default 30x cost
@@ -257,14 +259,12 @@ def read_equivalents() -> dict:
 
 def results(name: str) -> dict:
     """mutant name -> status, from mutmut's per-file .meta files of a group."""
-    from mutmut.stats import status_by_exit_code
-
     modules, _ = GROUPS[name]
     out = {}
     for module in modules:
         meta = WORK_DIR / name / "mutants" / (module + ".meta")
         for key, code in json.loads(meta.read_text())["exit_code_by_key"].items():
-            out[key] = status_by_exit_code[code]
+            out[key] = status_by_code(code)
     return out
 
 

@@ -5,6 +5,8 @@ torch's own operators). Tiny shapes: the whole file runs in a few seconds.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -393,6 +395,31 @@ def _from_functions_kl():
                                       lambda u: 1 / u)
 
 
+def _from_functions_entmax15():
+    """entmax15's generator from plain functions (sparse): f(u) = 4/3 (u^1.5 - 1.5 u + 0.5)."""
+    from hf_fdiv.divergences import FDivergence
+
+    return FDivergence.from_functions("entmax15_from_functions", lambda u: 4 / 3 * (u ** 1.5 - 1.5 * u + 0.5),
+                                      lambda u: 2 * (u.sqrt() - 1), lambda v: (v / 2 + 1) ** 2, lambda u: 1 / u.sqrt())
+
+
+@contextlib.contextmanager
+def _counting_newton_sums(owner):
+    """Count the calls of ``owner.newton_sums`` (a generator instance, or a generator class: all its
+    instances) inside the block: one call per Newton pass. Yields the list the calls are appended to."""
+    calls = []
+    had_own = "newton_sums" in vars(owner)
+    original = vars(owner)["newton_sums"] if had_own else owner.newton_sums
+    setattr(owner, "newton_sums", lambda *a, **k: calls.append(1) or original(*a, **k))
+    try:
+        yield calls
+    finally:
+        if had_own:
+            setattr(owner, "newton_sums", original)
+        else:
+            delattr(owner, "newton_sums")
+
+
 @pytest.mark.parametrize("make", [_SubclassedKL.make, _from_functions_kl])
 @pytest.mark.parametrize("reference", ["prior", 0.5, 2.0])
 def test_user_generators_gradient_and_loss_equal_the_builtin_kl(make, reference):
@@ -455,24 +482,15 @@ def test_batched_passes_per_chunk_are_the_documented_counts(name, passes):
     """The sync-free backend's fixed pass counts (they decide its GPU time; README, issue 22): one root
     search per chunk, counted as calls of the generator's Newton sums: dense monotone 6, dense user-defined
     12, top-K monotone 12, top-K alpha > 2 60, and a sparse f on rows no longer than K solved densely (6)."""
-    from hf_fdiv.divergences import FDivergence, get_divergence
+    from hf_fdiv.divergences import get_divergence
     from hf_fdiv.solver import batched, solve_rows
 
     V = 40 if name.endswith("V <= K") else 300
-    if name == "custom_dense":
-        div = FDivergence.from_functions("kl_user", lambda u: torch.xlogy(u, u) - u + 1, torch.log, torch.exp,
-                                         lambda u: 1 / u)
-    else:
-        div = get_divergence(name.split()[0])
-    calls = []
-    original = div.newton_sums
-    div.newton_sums = lambda *a, **k: calls.append(1) or original(*a, **k)  # this instance only
-    try:
-        x = torch.randn(8, V, generator=torch.Generator().manual_seed(1)) * 2
+    div = _from_functions_kl() if name == "custom_dense" else get_divergence(name.split()[0])
+    x = torch.randn(8, V, generator=torch.Generator().manual_seed(1)) * 2
+    with _counting_newton_sums(div) as calls:
         for _ in solve_rows(x, 1.0, div, backend="batched", resolve=False):
             pass
-    finally:
-        del div.newton_sums
     assert len(calls) == getattr(batched, passes)
 
 
@@ -690,15 +708,12 @@ def test_learnable_alpha_batched_pass_counts(monkeypatch, alpha_max, expected):
     generator's Newton sums; rows that converge need no re-solve)."""
     from hf_fdiv.solver import learnable_alpha
 
-    calls = []
-    original = learnable_alpha.RowAlpha.newton_sums
-    monkeypatch.setattr(learnable_alpha.RowAlpha, "newton_sums",
-                        lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
     monkeypatch.setenv("HF_FDIV_SOLVER", "batched")
     x = torch.randn(6, 50, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
     alpha = torch.linspace(1.2, alpha_max, 6, dtype=torch.float64)  # one per row
     max_iter = expected if isinstance(expected, int) else None
-    f_softargmax(x, alpha, max_iter=max_iter)
+    with _counting_newton_sums(learnable_alpha.RowAlpha) as calls:
+        f_softargmax(x, alpha, max_iter=max_iter)
     want = expected if isinstance(expected, int) else getattr(learnable_alpha, expected)
     if max_iter is None:
         assert len(calls) == want
@@ -790,30 +805,18 @@ def test_cpu_newton_passes_stay_at_the_measured_counts(monkeypatch, name, unit, 
     "How the solver works"). A wrong derivative S' still converges, so only the pass count shows it."""
     from hf_fdiv.divergences import get_divergence
 
-    from hf_fdiv.divergences import FDivergence
-
     monkeypatch.setenv("HF_FDIV_SOLVER", "chunked")
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 2000, generator=g) * 2
     q = torch.rand(2000, generator=g) + 0.5
-    if name == "user_kl":
-        div = FDivergence.from_functions(name, lambda u: torch.xlogy(u, u) - u + 1, torch.log, torch.exp, lambda u: 1 / u)
-    elif name == "user_entmax15":  # f(u) = 4/3 (u^1.5 - 1.5 u + 0.5): sparse
-        div = FDivergence.from_functions(name, lambda u: 4 / 3 * (u ** 1.5 - 1.5 * u + 0.5), lambda u: 2 * (u.sqrt() - 1),
-                                         lambda v: (v / 2 + 1) ** 2, lambda u: 1 / u.sqrt())
-    else:
-        div = get_divergence(name)
-    calls = []
-    original = div.newton_sums
-    div.newton_sums = lambda *a, **k: calls.append(1) or original(*a, **k)  # this instance only
-    try:
-        counts = []
+    user = {"user_kl": _from_functions_kl, "user_entmax15": _from_functions_entmax15}
+    div = user[name]() if name in user else get_divergence(name)
+    counts = []
+    with _counting_newton_sums(div) as calls:
         for reference in [1.0, q, 2.0]:
             calls.clear()
             f_softargmax(x, div, reference)
             counts.append(len(calls))
-    finally:
-        del div.newton_sums
     assert counts[0] <= unit and counts[1] <= prior and counts[2] <= two, counts
 
 
@@ -1038,13 +1041,10 @@ def test_learnable_alpha_cpu_passes_stay_at_the_measured_counts(monkeypatch, alp
     wrong step (the per-row transform's formula) still converges, so only the count shows it."""
     from hf_fdiv.solver import learnable_alpha
 
-    calls = []
-    original = learnable_alpha.RowAlpha.newton_sums
-    monkeypatch.setattr(learnable_alpha.RowAlpha, "newton_sums",
-                        lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
     monkeypatch.setenv("HF_FDIV_SOLVER", "chunked")
     x = torch.randn(8, 300, generator=torch.Generator().manual_seed(21), dtype=torch.float64) * 2
-    f_softargmax(x, alpha + 0.1 * torch.linspace(-1, 1, 8, dtype=torch.float64))
+    with _counting_newton_sums(learnable_alpha.RowAlpha) as calls:
+        f_softargmax(x, alpha + 0.1 * torch.linspace(-1, 1, 8, dtype=torch.float64))
     assert len(calls) <= most, len(calls)
 
 
@@ -1114,10 +1114,7 @@ def test_user_generator_operator_backward_with_a_scalar_reference(q):
     """entmax15's generator written with from_functions, with a scalar reference q != 1: its operator's VJP
     (through the user generator's Jacobian weight q / f''(p / q) = q sqrt(p / q)) equals the built-in
     alpha = 1.5's (its own closed form)."""
-    from hf_fdiv.divergences import FDivergence
-
-    user = FDivergence.from_functions("user15", lambda u: 4 / 3 * (u ** 1.5 - 1.5 * u + 0.5), lambda u: 2 * (u.sqrt() - 1),
-                                      lambda v: (v / 2 + 1) ** 2, lambda u: 1 / u.sqrt())
+    user = _from_functions_entmax15()
     g = torch.Generator().manual_seed(24)
     x = torch.randn(4, 9, generator=g, dtype=torch.float64)
     go = torch.randn(4, 9, generator=g, dtype=torch.float64)
