@@ -6,10 +6,18 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import PromptEncoderConfig, PromptTuningConfig, get_peft_model
+from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 from trl import SFTConfig, SFTTrainer
 
-from hf_fdiv import FDivDistillationConfig, FDivDistillationTrainer, FDivSFTConfig, FDivSFTTrainer
-from tiny import SFT_COMMON, first_batch_step, make_model, text_dataset
+from hf_fdiv import (
+    FDivDistillationConfig,
+    FDivDistillationTrainer,
+    FDivSFTConfig,
+    FDivSFTTrainer,
+    FDivTrainer,
+    FDivTrainingArguments,
+)
+from tiny import COMMON, SFT_COMMON, first_batch_step, make_model, text_dataset, tokenized_lm_dataset
 
 
 def _assert_same(a, b, tol=1e-5):
@@ -20,15 +28,15 @@ def _assert_same(a, b, tol=1e-5):
             torch.testing.assert_close(a[part][name], b[part][name], atol=tol, rtol=0, msg=name)
 
 
-def _moe_model(tok, seed=0):
+def _moe_model(tok, seed=0, **router):
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     torch.manual_seed(seed)
+    router = {"output_router_logits": True, "router_aux_loss_coef": 0.5, **router}
     config = Qwen3MoeConfig(
         vocab_size=len(tok), hidden_size=16, intermediate_size=32, moe_intermediate_size=16, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_experts=4, num_experts_per_tok=2,
-        output_router_logits=True, router_aux_loss_coef=0.5, max_position_embeddings=128, tie_word_embeddings=False,
-        pad_token_id=tok.pad_token_id,
+        max_position_embeddings=128, tie_word_embeddings=False, pad_token_id=tok.pad_token_id, **router,
     )
     return Qwen3MoeForCausalLM(config)
 
@@ -49,6 +57,26 @@ def test_moe_router_loss_equals_stock_sft(tok, tmp_path, fused):
     assert any("mlp.gate" in n for n in ours[1])
     logged = [h for h in trainer.state.log_history if "aux_loss" in h]
     assert logged and logged[0]["aux_loss"] > 0
+
+
+@pytest.mark.parametrize("router", [
+    {},  # the model's forward adds the load-balancing loss to its loss
+    {"output_router_logits": False},  # router logits off: no aux loss, whatever the coefficient
+    {"router_aux_loss_coef": 0.0},  # a zero coefficient: nothing to add
+])
+def test_moe_router_loss_equals_stock_trainer(tok, tmp_path, router):
+    """Without TRL's settings the model config decides; the stock Trainer's loss is the model's own."""
+    def run(trainer_cls, args_cls, name, **extra):
+        model = _moe_model(tok, **router)
+        args = args_cls(output_dir=str(tmp_path / name), per_device_train_batch_size=4, max_steps=1,
+                        learning_rate=0.1, optim="sgd", **COMMON, **extra)
+        trainer = trainer_cls(model=model, args=args, train_dataset=tokenized_lm_dataset(tok, 8),
+                              data_collator=DataCollatorForLanguageModeling(tok, mlm=False))
+        return first_batch_step(model, trainer)
+
+    stock = run(Trainer, TrainingArguments, "stock")
+    ours = run(FDivTrainer, FDivTrainingArguments, "fdiv", divergence="kl")
+    _assert_same(ours, stock)
 
 
 PEFT_CONFIGS = {

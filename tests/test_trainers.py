@@ -371,3 +371,21 @@ def test_num_tokens_equals_stock_sft(tok, tmp_path, packing):
     ours = history(FDivSFTTrainer, FDivSFTConfig, "fdiv")
     assert len(stock) == 3 and stock[0] > 0
     assert ours == stock
+
+
+@pytest.mark.parametrize("ids", ["class ids", "none", "soft targets"])
+def test_metric_sums_counts_correct_rows_only_for_class_ids(ids):
+    """[support, entropy, correct, count, nonfinite] over the solved rows, by hand: a row's prediction is
+    correct only against a class id; soft targets (distillation) and no targets (on-policy) count none."""
+    from hf_fdiv.losses import RowStats
+    from hf_fdiv.trainers.loss_path import metric_sums
+
+    stats = RowStats(
+        support=torch.tensor([2.0, 1.0, 3.0, 0.0]), entropy=torch.tensor([0.5, 0.0, 1.0, 0.0]),
+        pred=torch.tensor([1, 0, 2, -1]), solved=torch.tensor([True, True, True, False]),
+        skipped=torch.tensor([False, False, False, True]),
+    )
+    target = {"class ids": torch.tensor([1, 2, 2, 0]), "none": None, "soft targets": torch.full((4, 3), 1 / 3)}[ids]
+    correct = 2.0 if ids == "class ids" else 0.0  # rows 0 and 2; row 3 is not solved
+    expected = torch.tensor([6.0, 1.5, correct, 3.0, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(metric_sums(stats, target), expected, rtol=0, atol=0)

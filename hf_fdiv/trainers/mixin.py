@@ -186,7 +186,7 @@ class FDivTrainerMixin:
 
     def _fdiv_fused_parts(self, model):
         """(backbone, head, config) when the loss can be fused with the LM head, else None."""
-        if not getattr(self, "fdiv_fused", False):
+        if not self.fdiv_fused:
             return None
         if self.fdiv_task.kind == "causal_lm":
             return fused_head(self.accelerator.unwrap_model(model))
