@@ -79,6 +79,33 @@ def test_moe_router_loss_equals_stock_trainer(tok, tmp_path, router):
     _assert_same(ours, stock)
 
 
+def test_moe_router_loss_is_averaged_over_accumulation_steps(tok, tmp_path):
+    """With gradient accumulation the Trainer leaves the averaging to a loss that gets num_items_in_batch:
+    each micro-batch adds CE_sum / num_items + coef * aux / GA, so that GA steps sum to the batch's mean
+    aux loss. Oracle: the model's own aux_loss and F.cross_entropy on a copy of the initial model."""
+    class Recording(FDivTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            self.seen.append(({k: v.clone() for k, v in inputs.items()}, num_items_in_batch, float(loss)))
+            return loss
+
+    args = FDivTrainingArguments(output_dir=str(tmp_path), divergence="kl", per_device_train_batch_size=2,
+                                 gradient_accumulation_steps=2, max_steps=1, learning_rate=0.1, optim="sgd", **COMMON)
+    trainer = Recording(model=_moe_model(tok), args=args, train_dataset=tokenized_lm_dataset(tok, 8),
+                        data_collator=DataCollatorForLanguageModeling(tok, mlm=False))
+    trainer.seen = []
+    trainer.train()
+    assert len(trainer.seen) == 2
+    oracle = _moe_model(tok)  # the parameters both micro-batches saw
+    for batch, num_items, got in trainer.seen:
+        with torch.no_grad():
+            out = oracle(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_router_logits=True)
+            ce_sum = torch.nn.functional.cross_entropy(
+                out.logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), reduction="sum")
+        expected = float(ce_sum / num_items + 0.5 * out.aux_loss / 2)
+        assert abs(got - expected) <= 1e-5, (got, expected)
+
+
 PEFT_CONFIGS = {
     "prompt_tuning": lambda: PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
     "p_tuning": lambda: PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_hidden_size=16),

@@ -389,3 +389,33 @@ def test_metric_sums_counts_correct_rows_only_for_class_ids(ids):
     correct = 2.0 if ids == "class ids" else 0.0  # rows 0 and 2; row 3 is not solved
     expected = torch.tensor([6.0, 1.5, correct, 3.0, 1.0], dtype=torch.float64)
     torch.testing.assert_close(metric_sums(stats, target), expected, rtol=0, atol=0)
+
+
+def test_plain_training_arguments_get_the_fdiv_config_defaults(tok, tmp_path):
+    """A stock TrainingArguments (no f-divergence fields) trains with FDivTrainingArguments' defaults."""
+    defaults = FDivTrainingArguments(str(tmp_path), **COMMON)
+    tr = FDivTrainer(model=make_model(tok), args=TrainingArguments(str(tmp_path), **COMMON),
+                     train_dataset=tokenized_lm_dataset(tok, 4),
+                     data_collator=DataCollatorForLanguageModeling(tok, mlm=False))
+    assert tr.fdiv_divergence.name == defaults.divergence
+    assert tr.fdiv_reference == defaults.reference
+    assert (tr.fdiv_max_iter, tr.fdiv_fused, tr.fdiv_skip_nonfinite) == (
+        defaults.fdiv_max_iter, defaults.fdiv_fused, defaults.fdiv_skip_nonfinite)
+
+
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_kv_cache_follows_training_arguments_like_the_stock_trainer(tok, tmp_path, use_cache):
+    """The stock Trainer sets the model config's use_cache from args.use_cache (False by default: training
+    reads no cache; True for PEFT methods that use one); the loss's forward keeps that choice."""
+    def outputs(cls, args_cls):
+        model = make_model(tok)
+        tr = cls(model=model, args=args_cls(str(tmp_path), use_cache=use_cache, **COMMON),
+                 train_dataset=tokenized_lm_dataset(tok, 4),
+                 data_collator=DataCollatorForLanguageModeling(tok, mlm=False))
+        with torch.no_grad():
+            return tr.compute_loss(model, first_batch(tr), return_outputs=True)[1]
+
+    stock = outputs(Trainer, TrainingArguments)
+    ours = outputs(FDivTrainer, FDivTrainingArguments)
+    assert (stock.past_key_values is not None) == use_cache
+    assert (ours.past_key_values is not None) == use_cache

@@ -216,8 +216,7 @@ class FDivTrainerMixin:
         else:
             model_inputs = task.model_inputs(inputs, unwrapped, drop=self._fdiv_batch_keys)
             logits_of = lambda outputs: task.logits(outputs, targets)  # noqa: E731
-        if task.kind in ("causal_lm", "seq2seq"):
-            model_inputs["use_cache"] = False
+        # the KV cache follows args.use_cache, as with the stock Trainer (it sets the model config's at init)
         aux_enabled, aux_coef = self._fdiv_router_aux()
         if aux_enabled:  # MoE: the model then returns its router load-balancing loss
             model_inputs["output_router_logits"] = True
