@@ -224,7 +224,50 @@ def mutmut_main(argv: list) -> None:
         file_mutation.MutationVisitor._skip_node_and_children = skip
     if argv[:1] == ["run"] and len(argv) == 3:  # a whole run (no mutant names given)
         _retest_survivors_and_skip_listed()
+    _no_clean_run_after_full_stats()
+    _fastest_tests_first()
     cli(argv, standalone_mode=True)
+
+
+def _fastest_tests_first() -> None:
+    """A mutant's tests run fastest first (with ``-x``: a killed mutant stops at its first failing test).
+    mutmut 3.8.1 sorts them so in its ``fork`` runner but its ``forkserver`` runner sends them in set order
+    (random per process; pytest runs node ids in the order given), so a mutant often ran slow trainer tests
+    before the fast one that kills it."""
+    from mutmut.state import state
+    from mutmut.workers.isolation import ForkServerRunner
+
+    submit = ForkServerRunner.submit
+
+    def sorted_submit(self, mutant_name, tests, cpu_time_limit, estimated_time):
+        durations = state().duration_by_test
+        tests = sorted(tests, key=lambda name: (durations.get(name, 0.0), name))
+        return submit(self, mutant_name, tests, cpu_time_limit, estimated_time)
+
+    ForkServerRunner.submit = sorted_submit
+
+
+def _no_clean_run_after_full_stats() -> None:
+    """mutmut runs every test twice before the mutants: once to record which tests reach which function
+    (stats) and once unmutated ("clean tests"). When the stats run of this invocation ran them all and
+    passed, the clean run proves nothing more (1.5 min of the trainers group's tests): it is skipped. An
+    incremental run (stats loaded from an earlier run) still runs it."""
+    from mutmut.workers.isolation import MutantRunner
+
+    passed_full_stats = []
+    for cls in MutantRunner.__subclasses__():
+        collect, clean = cls.collect_stats, cls.run_clean_tests
+
+        def collect_stats(self, tests, _collect=collect):
+            code = _collect(self, tests)
+            if not tests and code == 0:
+                passed_full_stats.append(True)
+            return code
+
+        def run_clean_tests(self, tests, _clean=clean):
+            return 0 if passed_full_stats else _clean(self, tests)
+
+        cls.collect_stats, cls.run_clean_tests = collect_stats, run_clean_tests
 
 
 def _retest_survivors_and_skip_listed() -> None:
