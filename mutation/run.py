@@ -18,9 +18,10 @@ before). Three things made that: pytest's ``unraisableexception`` plugin is off 
 ``gc.collect()`` over the whole heap of torch and transformers at the end of every pytest session was 0.5
 of the 0.6 s each mutant cost before its tests ran; with it off, both groups took 29.9 minutes); a
 mutant's tests run fastest first (:func:`_fastest_tests_first`); the clean-test pass is skipped after a
-full stats pass (:func:`_no_clean_run_after_full_stats`); these two: 29.9 -> 17.4 minutes. What it costs: a killed mutant runs its
-tests until the first that fails; a surviving one runs every test that reaches its function (up to ~17 s
-for the numerics, minutes for ``compute_loss``, which every trainer test reaches). So the run stays short
+full stats pass (:func:`_no_clean_run_after_full_stats`); these two: 29.9 -> 17.4 minutes. What it
+costs: a killed mutant runs its tests until the first that fails; a surviving one runs every test that
+reaches its function (up to ~17 s for the numerics, minutes for ``compute_loss``, which every trainer
+test reaches). So the run stays short
 only while survivors are few: write the test, or list the mutant. A mutant that makes a loop run forever
 is stopped at 8x its tests' time (``timeout_multiplier``; mutmut's default 30x cost minutes per such
 mutant). Reruns are incremental: a killed mutant keeps its result while its function's code is

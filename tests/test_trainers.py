@@ -35,6 +35,12 @@ def first_batch(trainer):
     return next(iter(trainer.get_train_dataloader()))
 
 
+def lm_trainer(cls, tok, args, model=None, **kwargs):
+    """``cls`` (Trainer or FDivTrainer) on 4 tokenized sentences with the causal-LM collator."""
+    return cls(model=make_model(tok) if model is None else model, args=args, train_dataset=tokenized_lm_dataset(tok, 4),
+               data_collator=DataCollatorForLanguageModeling(tok, mlm=False), **kwargs)
+
+
 # --------------------------------------------------------------------------------- KL = stock
 
 
@@ -284,9 +290,7 @@ def test_constructor_keywords_override_config(tok, tmp_path):
                         divergence="js")
     assert tr.fdiv_divergence.name == "js" and tr.fdiv_reference == "uniform"
     prior = torch.rand(len(tok)) + 0.1
-    tr = FDivTrainer(model=make_model(tok), args=TrainingArguments(str(tmp_path), **COMMON),
-                     train_dataset=tokenized_lm_dataset(tok, 4), reference=prior,
-                     data_collator=DataCollatorForLanguageModeling(tok, mlm=False))
+    tr = lm_trainer(FDivTrainer, tok, TrainingArguments(str(tmp_path), **COMMON), reference=prior)
     assert tr.fdiv_divergence.name == "alpha:1.5" and tr.fdiv_reference is prior
     batch = first_batch(tr)
     with torch.no_grad():
@@ -317,9 +321,7 @@ def test_model_card_parses_and_names_the_loss(tok, tmp_path):
 
     # a model built in code: no base_model metadata, and the text never says "None"
     out2 = tmp_path / "card2"
-    tr2 = FDivTrainer(model=make_model(tok), args=FDivTrainingArguments(str(out2), divergence="kl", **COMMON),
-                      train_dataset=tokenized_lm_dataset(tok, 4),
-                      data_collator=DataCollatorForLanguageModeling(tok, mlm=False))
+    tr2 = lm_trainer(FDivTrainer, tok, FDivTrainingArguments(str(out2), divergence="kl", **COMMON))
     tr2.save_model()
     card2 = ModelCard.load(str(out2 / "README.md"))
     assert card2.data.base_model is None
@@ -394,9 +396,7 @@ def test_metric_sums_counts_correct_rows_only_for_class_ids(ids):
 def test_plain_training_arguments_get_the_fdiv_config_defaults(tok, tmp_path):
     """A stock TrainingArguments (no f-divergence fields) trains with FDivTrainingArguments' defaults."""
     defaults = FDivTrainingArguments(str(tmp_path), **COMMON)
-    tr = FDivTrainer(model=make_model(tok), args=TrainingArguments(str(tmp_path), **COMMON),
-                     train_dataset=tokenized_lm_dataset(tok, 4),
-                     data_collator=DataCollatorForLanguageModeling(tok, mlm=False))
+    tr = lm_trainer(FDivTrainer, tok, TrainingArguments(str(tmp_path), **COMMON))
     assert tr.fdiv_divergence.name == defaults.divergence
     assert tr.fdiv_reference == defaults.reference
     assert (tr.fdiv_max_iter, tr.fdiv_fused, tr.fdiv_skip_nonfinite) == (
@@ -409,9 +409,7 @@ def test_kv_cache_follows_training_arguments_like_the_stock_trainer(tok, tmp_pat
     reads no cache; True for PEFT methods that use one); the loss's forward keeps that choice."""
     def outputs(cls, args_cls):
         model = make_model(tok)
-        tr = cls(model=model, args=args_cls(str(tmp_path), use_cache=use_cache, **COMMON),
-                 train_dataset=tokenized_lm_dataset(tok, 4),
-                 data_collator=DataCollatorForLanguageModeling(tok, mlm=False))
+        tr = lm_trainer(cls, tok, args_cls(str(tmp_path), use_cache=use_cache, **COMMON), model=model)
         with torch.no_grad():
             return tr.compute_loss(model, first_batch(tr), return_outputs=True)[1]
 
