@@ -148,6 +148,34 @@ def test_triton_counter_sees_a_copy_kernel():
     assert m.launches == 0  # the interpreter's own host copies are not counted as device work
 
 
+def test_sparse_kernels_read_a_long_row_three_times():
+    """Issue 23's traffic on rows read in tiles: the alpha = 1.5 loss kernel reads a row 3 times (max,
+    candidate compaction, write pass) whatever the number of Newton passes, and the operator's backward
+    reads the upstream gradient on the support only. Without the candidate pass it reads once per pass."""
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1 (tests/conftest.py sets it on CPU machines)")
+    gc = _load()
+    from hf_fdiv.solver import triton_kernels as tk
+
+    rows, V_ = 4, 1000
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, V_, generator=gen) * 2
+    t = torch.randint(0, V_, (rows,), generator=gen)
+    with gc.TritonCounter() as tc:
+        tk.fy_loss_rows(x, t, "alpha:1.5", 1.0, grad=torch.empty_like(x), block_v=128)
+    cand = tc.block_stored - rows * V_  # the gradient rows, then the candidates, each stored and loaded once
+    assert 0 < cand < rows * 100 and tc.block_loaded == 3 * rows * V_ + cand
+    with gc.TritonCounter() as off:
+        tk.fy_loss_rows(x, t, "alpha:1.5", 1.0, grad=torch.empty_like(x), block_v=128, candidates=0)
+    assert off.block_loaded >= 5 * rows * V_  # max, >= 3 Newton passes, write pass
+    p, _, _ = tk.softargmax_rows(x, "alpha:1.5", 1.0, block_v=128)
+    support = int((p > 0).sum())
+    with gc.TritonCounter() as bwd:
+        tk.softargmax_backward_rows(p, torch.randn(rows, V_, generator=gen), "alpha:1.5", 1.0, block_v=128)
+    assert bwd.block_loaded == 2 * rows * V_ + 2 * support and bwd.block_stored == rows * V_
+
+
 def test_main_prints_the_table(capsys, tmp_path):
     gc = _load()
     out = tmp_path / "cost.json"

@@ -277,6 +277,30 @@ def test_softargmax_backward_is_vjp(name, qname, block_v):
     torch.testing.assert_close(dx.cpu().double(), dx_ref, rtol=1e-3, atol=5e-5)
 
 
+
+@pytest.mark.parametrize("candidates", [None, 16, 0], ids=["default", "16slots", "off"])
+@pytest.mark.parametrize("spec", ["alpha:1.5", "alpha:2", "alpha:1.25"])
+def test_candidate_pass_matches_reference_with_and_without_overflow(spec, candidates):
+    """Sparse f on tiled rows: the Newton passes on the compacted candidates give the fp64 PyTorch results.
+    With 16 slots the flat and nearly flat rows (support 300) overflow and take the row passes; the peaked
+    and random rows fit."""
+    div = DIVS[{"alpha:1.5": "alpha1.5", "alpha:2": "alpha2", "alpha:1.25": "alpha1.25"}[spec]]
+    x, t = _batch(seed=11)
+    for q in (1.0, 1.0 / V):
+        grad = torch.full(x.shape, float("nan"), device=DEVICE)
+        loss, tau, supp, conv = tk.fy_loss_rows(x.to(DEVICE), t.to(DEVICE), div, q, IGNORE, grad=grad, block_v=64,
+                                                candidates=candidates)
+        ref_loss, ref_grad = _ref_loss_and_grad(x, t, div, q)
+        assert conv.all()
+        torch.testing.assert_close(loss.cpu().double(), ref_loss, rtol=1e-5, atol=2e-6)
+        torch.testing.assert_close(grad.cpu().double(), ref_grad, rtol=0, atol=2e-6)
+        p, _, conv = tk.softargmax_rows(x.to(DEVICE), div, q, block_v=64, candidates=candidates)
+        assert conv.all()
+        torch.testing.assert_close(p.cpu().double(), f_softargmax(x.double(), div, q), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="power of two"):
+        tk.fy_loss_rows(x.to(DEVICE), t.to(DEVICE), div, 1.0, IGNORE, block_v=64, candidates=100)
+
+
 # ---------------------------------------------------------------------------------------------
 # flags, shapes, API
 # ---------------------------------------------------------------------------------------------

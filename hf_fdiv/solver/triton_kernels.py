@@ -34,8 +34,12 @@ computes the loss, counts the support and writes p or p - e_c.
 
 Kernels: one program per row, the row read in ``BLOCK_V`` tiles (or kept in registers when it fits in
 one tile), fp32 arithmetic whatever the input dtype, 64-bit row offsets. Passes over the row: KL 2 (online
-max + sum-exp, then the write pass), alpha/JS: 1 (max) + Newton passes + 1 (write) + 1 more when the pass
-cap was hit.
+max + sum-exp, then the write pass), JS: 1 (max) + Newton passes + 1 (write) + 1 more when the pass cap was
+hit. Alpha on rows read in tiles: 3 (max, candidates, write): since tau >= tau_lo throughout the search,
+p_j = 0 whenever z_j <= tau_lo - 1/(a-1), so one pass compacts the other z_j (the candidates, a superset of
+the support) into a per-row scratch of ``DEFAULT_N_CAND`` slots and the Newton passes run on them in
+registers; a row with more candidates falls back to one pass over the row per Newton pass. The operator's
+backward reads p twice and the upstream gradient on the support only (s_j = 0 elsewhere).
 
 Import-order caveat: ``TRITON_INTERPRET=1`` (Triton's CPU interpreter, used by the tests) is read when the
 kernels are decorated, i.e. when this module is first imported; set it before importing this module (and
@@ -114,6 +118,12 @@ if _interpreting():
 
 _ONE_BLOCK_MAX = 32768  # rows up to this many classes are read once and kept in registers (one tile)
 _TILE = 4096  # tile width for longer rows
+#: sparse f on rows longer than a tile: slots per row for the candidates of the support (2048 fp32: 8 KiB
+#: of scratch per row, 64 MiB for 8192 rows); rows with more candidates re-read the row at each pass
+DEFAULT_N_CAND = 2048
+#: no candidate pass when its threshold lies this far below the row max (uniform q at large V: the whole
+#: row would be a candidate, and the pass would only add a read)
+_CAND_MAX_DEPTH = 64.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,6 +234,19 @@ def _row_sums(Xrow, V, m, tau, zrow, a1, inv_a1, KIND: tl.constexpr, BLOCK_V: tl
     return sg, sh
 
 
+@triton.jit
+def _newton_sums(Xrow, V, m, tau, zrow, zcand, small, a1, inv_a1, KIND: tl.constexpr, BLOCK_V: tl.constexpr,
+                 ONE_BLOCK: tl.constexpr):
+    """:func:`_row_sums`, over the compacted candidates ``zcand`` when ``small`` (they hold the row's support)."""
+    if small:
+        g, h = _conj_grad_hess(zcand, tau, a1, inv_a1, KIND)
+        sg = tl.sum(g, axis=0)
+        sh = tl.sum(h, axis=0)
+    else:
+        sg, sh = _row_sums(Xrow, V, m, tau, zrow, a1, inv_a1, KIND, BLOCK_V, ONE_BLOCK)
+    return sg, sh
+
+
 # ---------------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------------
@@ -274,8 +297,8 @@ def _write_ignored_row(Grow, LOSS, TAU, SUPP, CONV, row, V, HAS_GRAD: tl.constex
 @triton.jit
 def _fdiv_newton_kernel(
     X, stride_x, T, G, stride_g, P, stride_p,
-    LOSS, TAU, SUPP, CONV,
-    V, q, inv_q, lo0, hi0, val_const, alpha, a1, inv_a1, r_pow, ignore_index,
+    LOSS, TAU, SUPP, CONV, CAND,
+    V, q, inv_q, lo0, hi0, val_const, alpha, a1, inv_a1, r_pow, ignore_index, cand_lo,
     KIND: tl.constexpr,
     HAS_TARGET: tl.constexpr,
     HAS_GRAD: tl.constexpr,
@@ -283,6 +306,7 @@ def _fdiv_newton_kernel(
     N_ITER: tl.constexpr,
     BLOCK_V: tl.constexpr,
     ONE_BLOCK: tl.constexpr,
+    N_CAND: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     Xrow = X + row * stride_x
@@ -310,6 +334,26 @@ def _fdiv_newton_kernel(
         if HAS_TARGET:
             z_c = _target_logit(Xrow, c, m, V)
 
+        # ---- sparse f on long rows: the candidates z_j > cand_lo, compacted ---------------------
+        # tau stays >= tau_lo in the search, so p_j = 0 for every z_j <= tau_lo - 1/(a-1) < cand_lo:
+        # the sums over the candidates are the sums over the row. When they fit in N_CAND slots the
+        # Newton passes run on them in registers instead of re-reading the row once per pass.
+        small = False
+        zcand = tl.zeros([BLOCK_V], dtype=tl.float32)  # unused unless N_CAND
+        if N_CAND > 0:
+            Crow = CAND + row * N_CAND
+            n_cand = tl.program_id(0) * 0
+            for start in range(0, V, BLOCK_V):
+                cols = start + offs
+                z = tl.load(Xrow + cols, mask=cols < V, other=float("-inf")).to(tl.float32) - m
+                keep = z > cand_lo
+                slot = n_cand + tl.cumsum(keep.to(tl.int32), axis=0) - 1
+                tl.store(Crow + slot, z, mask=keep & (slot < N_CAND))
+                n_cand += tl.sum(keep.to(tl.int32), axis=0)
+            small = n_cand <= N_CAND
+            kslots = tl.arange(0, N_CAND)
+            zcand = tl.load(Crow + kslots, mask=(kslots < n_cand) & small, other=float("-inf"))
+
         # ---- safeguarded monotone Newton from tau_lo ----------------------------------------
         tau = lo0 + 0.0 * m  # fp32 scalar tensor
         lo = tau
@@ -318,7 +362,7 @@ def _fdiv_newton_kernel(
         it = tl.program_id(0) * 0  # int32 scalar tensors (loop-carried)
         done = it
         while (it < N_ITER) & (done == 0):
-            sg, sh = _row_sums(Xrow, V, m, tau, zrow, a1, inv_a1, KIND, BLOCK_V, ONE_BLOCK)
+            sg, sh = _newton_sums(Xrow, V, m, tau, zrow, zcand, small, a1, inv_a1, KIND, BLOCK_V, ONE_BLOCK)
             S = q * sg
             Sd = q * sh
             lo = tl.where(S >= 1.0, tau, lo)
@@ -346,7 +390,7 @@ def _fdiv_newton_kernel(
             done = conv.to(tl.int32)
             it += 1
         if done == 0:  # pass cap hit: tau moved after the last sum, take the sum at the final tau
-            sg, _sh = _row_sums(Xrow, V, m, tau, zrow, a1, inv_a1, KIND, BLOCK_V, ONE_BLOCK)
+            sg, _sh = _newton_sums(Xrow, V, m, tau, zrow, zcand, small, a1, inv_a1, KIND, BLOCK_V, ONE_BLOCK)
 
         # ---- final pass: normalise, value, support, write -------------------------------------
         inv_s = 1.0 / sg
@@ -481,10 +525,14 @@ def _softargmax_bwd_kernel(
 
 @triton.jit
 def _weight_and_grad(Prow, GOrow, cols, V, q, s_scale, two_minus_alpha, KIND: tl.constexpr):
-    """(s, g, mask) at the columns ``cols`` of a row: the Jacobian weight from p and the upstream gradient."""
+    """(s, g, mask) at the columns ``cols`` of a row: the Jacobian weight from p and the upstream gradient
+    (sparse f: read on the support only; 0 elsewhere, where s is 0)."""
     mask = cols < V
     p = tl.load(Prow + cols, mask=mask, other=0.0).to(tl.float32)
-    go = tl.load(GOrow + cols, mask=mask, other=0.0).to(tl.float32)
+    if KIND <= 2:  # sparse f: s_j = 0 off the support, where the upstream gradient is not needed
+        go = tl.load(GOrow + cols, mask=mask & (p > 0.0), other=0.0).to(tl.float32)
+    else:
+        go = tl.load(GOrow + cols, mask=mask, other=0.0).to(tl.float32)
     return _jacobian_weight(p, q, s_scale, two_minus_alpha, KIND), go, mask
 
 
@@ -629,7 +677,21 @@ def _newton_constants(div, kind: int, q: float, V: int) -> dict:
     return dict(lo0=lo, hi0=max(hi, lo), val_const=val_const, alpha=a, a1=a1, inv_a1=1.0 / a1, r_pow=a1)
 
 
-def _run(x, target, div, q, ignore_index, grad, out, n_iter, block_v, num_warps):
+def _candidate_slots(kind: int, one_block: bool, consts: dict, candidates: Optional[int]) -> int:
+    """Slots per row of the candidate pass (0: none): sparse f (alpha) on rows read in tiles only."""
+    if candidates is not None:
+        candidates = int(candidates)
+        if candidates and (candidates < 16 or candidates & (candidates - 1)):
+            raise ValueError(f"candidates must be 0 or a power of two >= 16, got {candidates}.")
+    if one_block or kind == _K_JS:
+        return 0
+    if candidates is None:
+        depth = consts["inv_a1"] - consts["lo0"]
+        return DEFAULT_N_CAND if depth <= _CAND_MAX_DEPTH else 0
+    return candidates
+
+
+def _run(x, target, div, q, ignore_index, grad, out, n_iter, block_v, num_warps, candidates=None):
     _check_rows(x)
     div = get_divergence(div)
     kind = _kernel_kind(div)
@@ -675,12 +737,17 @@ def _run(x, target, div, q, ignore_index, grad, out, n_iter, block_v, num_warps)
         if n_iter < 1:
             raise ValueError("n_iter must be >= 1.")
         k = _newton_constants(div, kind, qf, V)
+        n_cand = _candidate_slots(kind, one_block, k, candidates)
+        # candidates: z_j > tau_lo - 1/(a-1), with a margin so that fp32 rounding of z - tau cannot
+        # leave a p_j > 0 outside them
+        cand_lo = k["lo0"] - k["inv_a1"] - 1e-3 * (1.0 + abs(k["lo0"]) + k["inv_a1"])
+        cand = torch.empty((N, n_cand) if n_cand else (1,), dtype=torch.float32, device=dev)
         _fdiv_newton_kernel[(N,)](
             x, x.stride(0), t_arg, g_arg, g_arg.stride(0), p_arg, p_arg.stride(0),
-            loss, tau, supp, conv,
+            loss, tau, supp, conv, cand,
             V, qf, 1.0 / qf, k["lo0"], k["hi0"], k["val_const"], k["alpha"], k["a1"], k["inv_a1"],
-            k["r_pow"], int(ignore_index),
-            KIND=kind, N_ITER=n_iter, **common,
+            k["r_pow"], int(ignore_index), cand_lo,
+            KIND=kind, N_ITER=n_iter, N_CAND=n_cand, **common,
         )
     return loss, tau, supp, conv.view(torch.bool)
 
@@ -696,6 +763,7 @@ def fy_loss_rows(
     *,
     block_v: Optional[int] = None,
     num_warps: Optional[int] = None,
+    candidates: Optional[int] = None,
 ):
     """Per-row Fenchel-Young loss l_f(x, e_c; q) and, optionally, its gradient p - e_c.
 
@@ -716,6 +784,10 @@ def fy_loss_rows(
         n_iter: Newton pass cap (default 16 for alpha, 20 for JS; ignored for KL). Each row stops early.
         block_v / num_warps: launch overrides (tile width, a power of two); default: the whole row in one
             tile up to V = 32768 (read once, kept in registers), else 4096-wide tiles.
+        candidates: slots per row of the candidate pass of sparse f (alpha) on rows read in tiles: one pass
+            compacts the z_j that can be in the support (z_j > tau_lo - 1/(a-1)) and, when they fit, every
+            Newton pass runs on them instead of the row. Default ``DEFAULT_N_CAND`` (0 when the threshold
+            lies more than 64 below the row max, e.g. uniform q at large V); 0 turns it off; a power of two.
 
     Returns:
         (loss, tau, support, converged): fp32 [N]; fp32 [N], the normaliser in max-shifted coordinates
@@ -726,7 +798,7 @@ def fy_loss_rows(
     """
     if target is None:
         raise ValueError("fy_loss_rows needs a target; use softargmax_rows for the operator.")
-    return _run(x, target, div, q, ignore_index, grad, None, n_iter, block_v, num_warps)
+    return _run(x, target, div, q, ignore_index, grad, None, n_iter, block_v, num_warps, candidates)
 
 
 def softargmax_rows(
@@ -738,6 +810,7 @@ def softargmax_rows(
     *,
     block_v: Optional[int] = None,
     num_warps: Optional[int] = None,
+    candidates: Optional[int] = None,
 ):
     """p = f-softargmax(x; q) = argmax_{p in simplex} <p, x> - D_f(p, q), row by row.
 
@@ -749,7 +822,7 @@ def softargmax_rows(
     _check_rows(x)
     if out is None:
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    _, tau, _, conv = _run(x, None, div, q, -100, None, out, n_iter, block_v, num_warps)
+    _, tau, _, conv = _run(x, None, div, q, -100, None, out, n_iter, block_v, num_warps, candidates)
     return out, tau, conv
 
 
