@@ -238,35 +238,47 @@ def _scaled_gradient(ctx, grad_losses: Tensor, name: str = "fdiv_loss") -> Tenso
 
 class TritonFYLossFunction(torch.autograd.Function):
     """Per-row losses [N] of class-id targets with a scalar reference, from the Triton row kernel
-    (:mod:`hf_fdiv.solver.triton_kernels`: one program per row writes the loss and p - e_c).
+    (:mod:`hf_fdiv.solver.triton_kernels`: one program per row writes the loss, p - e_c and the metrics'
+    support, entropy and argmax), plus :class:`RowStats` fields (not differentiable) as
+    :class:`FDivLossFunction` returns them. Rows whose target is ``ignore_index`` give 0.
 
     Rows the kernel does not certify (Newton not converged within its passes, a non-finite loss) are
     recomputed by the PyTorch path after one host synchronisation; that path also raises the errors
-    (non-finite logits, an excluded target)."""
+    (non-finite logits, an excluded target) or skips the rows (``skip_nonfinite``)."""
 
     @staticmethod
-    def forward(ctx, x, target, q, div, ignore_index, max_iter):
+    def forward(ctx, x, target, q, div, options: LossOptions):
         from .solver import triton_kernels
 
         grad = empty_like_output(x) if ctx.needs_input_grad[0] else None
-        losses, _, _, converged = triton_kernels.fy_loss_rows(
-            x, target, div, q, ignore_index, grad=grad, n_iter=max_iter
+        losses, _, kstats, converged = triton_kernels.fy_loss_rows(
+            x, target, div, q, options.ignore_index, grad=grad, n_iter=options.max_iter, with_stats=options.with_stats
         )
+        if options.with_stats:
+            support, entropy, pred = kstats
+            solved = target != options.ignore_index
+            stats = RowStats(support.float(), entropy, pred.long(), solved, torch.zeros_like(solved))
+        else:
+            stats = RowStats.empty(0, x.device)
         redo = (~converged | ~torch.isfinite(losses)).nonzero().squeeze(1)  # the one host synchronisation
         if redo.numel():
             with torch.enable_grad():
                 rows = x.detach().index_select(0, redo).requires_grad_()
-                exact, _ = fdiv_loss_rows(rows, target[redo], q, div, ignore_index=ignore_index, max_iter=max_iter)
+                exact, exact_stats = _pytorch_loss_rows(rows, target[redo], q, div, None, options)
                 if grad is not None:
                     grad.index_copy_(0, redo, torch.autograd.grad(exact.sum(), rows)[0])
             losses.index_copy_(0, redo, exact.detach().to(losses.dtype))
+            if options.with_stats:
+                for field, value in zip(stats, exact_stats):
+                    field.index_copy_(0, redo, value.to(field.dtype))
         ctx.grad_buffer = grad
-        return losses if x.dtype != torch.float64 else losses.double()
+        ctx.mark_non_differentiable(*stats)
+        return (losses, *stats)
 
     @staticmethod
-    def backward(ctx, grad_losses):
+    def backward(ctx, grad_losses, *unused):
         first_order_only("fdiv_loss")
-        return _scaled_gradient(ctx, grad_losses), None, None, None, None, None
+        return _scaled_gradient(ctx, grad_losses), None, None, None, None
 
 
 def _target_rows(target, sol: RowSolution, is_ids: bool, label_smoothing: float, dtype) -> Tensor:
@@ -357,14 +369,37 @@ def fdiv_loss_rows(
     ``q``: a prepared reference (:func:`hf_fdiv.solver.prepare_reference` + ``flatten_reference``) or a
     RowProvider; ``rows``: the rows to fit (default: every row, or the non-ignored ids). Targets are
     assumed checked (:func:`check_targets`). Returns (losses [N], :class:`RowStats` or None)."""
+    options = LossOptions(int(ignore_index), float(label_smoothing), max_iter, bool(skip_nonfinite), return_stats)
+    if _kernel_covers(x, target, q, div, options):
+        if rows is not None:  # the rows not listed are ignored rows for the kernel
+            target = torch.full_like(target, options.ignore_index).index_copy_(0, rows, target.index_select(0, rows))
+        losses, *stats = TritonFYLossFunction.apply(x, target, q, div, options)
+        return losses, (RowStats(*stats) if return_stats else None)
     if rows is None and isinstance(target, Tensor) and not target.is_floating_point():
         valid = target != ignore_index
         rows = valid.nonzero().squeeze(1)  # one host synchronisation (data-dependent row count)
         if rows.numel() == x.shape[0]:
             rows = None
-    options = LossOptions(int(ignore_index), float(label_smoothing), max_iter, bool(skip_nonfinite), return_stats)
+    losses, stats = _pytorch_loss_rows(x, target, q, div, rows, options)
+    return losses, (stats if return_stats else None)
+
+
+def _pytorch_loss_rows(x, target, q, div, rows, options: LossOptions) -> tuple[Tensor, RowStats]:
     losses, *stats = FDivLossFunction.apply(x, target, q, div, rows, options)
-    return losses, (RowStats(*stats) if return_stats else None)
+    return losses, RowStats(*stats)
+
+
+def _kernel_covers(x: Tensor, target, q, div: FDivergence, options: LossOptions) -> bool:
+    """The Triton loss kernel computes this call: backend ``triton`` (``HF_FDIV_SOLVER``, or ``auto`` on a
+    GPU with Triton installed), class ids without label smoothing, a scalar reference, a divergence and a
+    dtype the kernels support. Everything else (soft targets, tensor references, fp64) is the PyTorch path."""
+    if not isinstance(target, Tensor) or target.is_floating_point() or options.label_smoothing:
+        return False
+    if isinstance(q, (Tensor, RowProvider)) or x.dtype == torch.float64 or solver_backend(x) != "triton":
+        return False
+    from .solver import triton_kernels
+
+    return triton_kernels.supports(div, q, x)
 
 
 def fdiv_loss(
@@ -427,14 +462,10 @@ def fdiv_loss(
         t = target.reshape(-1, shape[-1])
     else:
         t = target.reshape(-1).to(device=x.device, dtype=torch.long)
-    kernel = _triton_loss(x, t, q, div, ignore_index, label_smoothing, max_iter, skip_nonfinite, return_stats)
-    if kernel is not None:
-        per_row, stats = kernel
-    else:
-        per_row, stats = fdiv_loss_rows(
-            x, t, q, div, ignore_index=ignore_index, label_smoothing=label_smoothing, max_iter=max_iter,
-            skip_nonfinite=skip_nonfinite, return_stats=return_stats,
-        )
+    per_row, stats = fdiv_loss_rows(
+        x, t, q, div, ignore_index=ignore_index, label_smoothing=label_smoothing, max_iter=max_iter,
+        skip_nonfinite=skip_nonfinite, return_stats=return_stats,
+    )
     if reduction == "none":
         loss = per_row.reshape(shape[:-1])
     elif reduction == "sum":
@@ -479,20 +510,6 @@ def _learnable_alpha_loss(
     if target.is_floating_point():
         return per_row.sum() / max(x.shape[0], 1)
     return per_row.sum() / (t != ignore_index).sum().clamp(min=1)
-
-
-def _triton_loss(x, t, q, div, ignore_index, label_smoothing, max_iter, skip_nonfinite, return_stats):
-    """The Triton kernels' result (per-row losses, stats) where they cover the case, else None
-    (soft targets, label smoothing, skip mode, stats and tensor references use the PyTorch path)."""
-    if solver_backend(x) != "triton":
-        return None
-    if t.is_floating_point() or label_smoothing or skip_nonfinite or return_stats or isinstance(q, Tensor):
-        return None
-    from .solver import triton_kernels
-
-    if x.dtype == torch.float64 or not triton_kernels.supports(div, q, x):
-        return None
-    return TritonFYLossFunction.apply(x, t, q, div, int(ignore_index), max_iter), None
 
 
 class FDivLoss(nn.Module):

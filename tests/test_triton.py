@@ -20,7 +20,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from hf_fdiv import f_softargmax, fdiv_loss  # noqa: E402
-from hf_fdiv.divergences import KL, AlphaDivergence, ChiSquare, JensenShannon, ReverseKL  # noqa: E402
+from hf_fdiv.divergences import KL, AlphaDivergence, ChiSquare, JensenShannon, ReverseKL, get_divergence  # noqa: E402,E501
 from hf_fdiv.solver import triton_kernels as tk  # noqa: E402
 
 _INTERPRETED = type(tk._fdiv_newton_kernel).__name__ == "InterpretedFunction"
@@ -403,6 +403,49 @@ def test_public_api_on_the_triton_backend_matches_cpu_path(monkeypatch, name):
     got = run(torch.float32)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=5e-5, rtol=2e-5)
+
+
+
+@pytest.mark.parametrize("name", ["kl", "alpha:1.5", "js"])
+def test_trainers_loss_rows_with_stats_rows_and_skipping_match_cpu_path(monkeypatch, name):
+    """What the trainers call (fdiv_loss_rows with rows, return_stats, skip_nonfinite) runs the kernel on the
+    triton backend and gives the CPU path's losses, gradients and metrics, including a skipped NaN row, a
+    row left out of ``rows`` and one the kernel does not certify (one Newton pass)."""
+    from hf_fdiv.losses import fdiv_loss_rows
+
+    g = torch.Generator().manual_seed(13)
+    x = (3 * torch.randn(6, 301, generator=g)).to(DEVICE)
+    x[1, 5] = math.nan  # skipped
+    x[4, :] = 0.0
+    x[4, 9] = 0.5  # argmax 9; a wide support that one Newton pass does not certify
+    x[5, 200] = x[5].max() + 1.0  # argmax 200 after a tie-free max
+    t = torch.randint(0, 301, (6,), generator=g).to(DEVICE)
+    rows = torch.tensor([0, 1, 3, 4, 5], device=DEVICE)  # row 2 left out
+
+    def run(n_iter_alpha):
+        monkeypatch.setattr(tk, "DEFAULT_N_ITER_ALPHA", n_iter_alpha)
+        a = x.clone().requires_grad_()
+        losses, stats = fdiv_loss_rows(a, t, 1.0, get_divergence(name), rows=rows, skip_nonfinite=True,
+                                       return_stats=True)
+        losses.sum().backward()
+        return losses.detach(), a.grad, stats
+
+    monkeypatch.setenv("HF_FDIV_SOLVER", "chunked")
+    want = run(16)
+    monkeypatch.setenv("HF_FDIV_SOLVER", "triton")
+    calls = []
+    kernel = tk.fy_loss_rows
+    monkeypatch.setattr(tk, "fy_loss_rows", lambda *a, **k: calls.append(k) or kernel(*a, **k))
+    for n_iter in (16, 1):
+        got = run(n_iter)
+        assert calls.pop()["with_stats"] and not calls  # the kernel ran, once, for the metrics too
+        torch.testing.assert_close(got[0], want[0], atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(got[1], want[1], atol=2e-6, rtol=0)
+        g_stats, w_stats = got[2], want[2]
+        for field in ("support", "pred", "solved", "skipped"):
+            assert torch.equal(getattr(g_stats, field), getattr(w_stats, field)), field
+        torch.testing.assert_close(g_stats.entropy, w_stats.entropy, atol=2e-5, rtol=1e-5)
+    assert want[2].pred.tolist()[4:] == [9, 200] and want[2].skipped.tolist()[1] and not want[2].solved[2]
 
 
 def test_unconverged_and_nonfinite_rows_take_the_exact_path(monkeypatch):

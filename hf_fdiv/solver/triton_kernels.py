@@ -281,8 +281,9 @@ def _target_logit(Xrow, c, m, V):
 
 
 @triton.jit
-def _write_ignored_row(Grow, LOSS, TAU, SUPP, CONV, row, V, HAS_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
-    """An ignored row: loss 0, gradient row 0, nothing solved (reported converged)."""
+def _write_ignored_row(Grow, LOSS, TAU, SUPP, CONV, ENT, PRED, row, V, HAS_GRAD: tl.constexpr,
+                       BLOCK_V: tl.constexpr):
+    """An ignored row: loss 0, gradient row 0, nothing solved (reported converged; entropy 0, class -1)."""
     if HAS_GRAD:
         offs = tl.arange(0, BLOCK_V)
         for start in range(0, V, BLOCK_V):
@@ -291,13 +292,15 @@ def _write_ignored_row(Grow, LOSS, TAU, SUPP, CONV, row, V, HAS_GRAD: tl.constex
     tl.store(LOSS + row, 0.0)
     tl.store(TAU + row, 0.0)
     tl.store(SUPP + row, 0)
+    tl.store(ENT + row, 0.0)
+    tl.store(PRED + row, -1)
     tl.store(CONV + row, 1)
 
 
 @triton.jit
 def _fdiv_newton_kernel(
     X, stride_x, T, G, stride_g, P, stride_p,
-    LOSS, TAU, SUPP, CONV, CAND,
+    LOSS, TAU, SUPP, CONV, ENT, PRED, CAND,
     V, q, inv_q, lo0, hi0, val_const, alpha, a1, inv_a1, r_pow, ignore_index, cand_lo,
     KIND: tl.constexpr,
     HAS_TARGET: tl.constexpr,
@@ -316,7 +319,7 @@ def _fdiv_newton_kernel(
 
     c, ignored = _row_target(T, row, ignore_index, HAS_TARGET)
     if ignored:
-        _write_ignored_row(Grow, LOSS, TAU, SUPP, CONV, row, V, HAS_GRAD, BLOCK_V)
+        _write_ignored_row(Grow, LOSS, TAU, SUPP, CONV, ENT, PRED, row, V, HAS_GRAD, BLOCK_V)
     else:
         # ---- pass 0: row max (and the row itself when it fits in one tile) --------------------
         if ONE_BLOCK:
@@ -396,6 +399,8 @@ def _fdiv_newton_kernel(
         inv_s = 1.0 / sg
         acc_c = tl.zeros([BLOCK_V], dtype=tl.float32)
         acc_n = tl.zeros([BLOCK_V], dtype=tl.int32)
+        acc_e = tl.zeros([BLOCK_V], dtype=tl.float32)
+        acc_arg = tl.full([BLOCK_V], V, dtype=tl.int32)
         for start in range(0, V, BLOCK_V):
             cols = start + offs
             mask = cols < V
@@ -408,6 +413,8 @@ def _fdiv_newton_kernel(
             pos = p > 0.0
             acc_c += tl.where(pos, _bregman_to_zero(p * inv_q, alpha, KIND), 0.0)
             acc_n += pos.to(tl.int32)
+            acc_e -= tl.where(pos, p * tl.log(tl.where(pos, p, 1.0)), 0.0)
+            acc_arg = tl.minimum(acc_arg, tl.where(z == 0.0, cols, V))  # first column of the row max
             if HAS_GRAD:
                 d = p - tl.where(cols == c, 1.0, 0.0)  # p_c - 1 in fp32, then cast
                 tl.store(Grow + cols, d.to(G.dtype.element_ty), mask=mask)
@@ -422,6 +429,8 @@ def _fdiv_newton_kernel(
             tl.store(LOSS + row, loss)
         tl.store(TAU + row, tau_out)
         tl.store(SUPP + row, tl.sum(acc_n, axis=0))
+        tl.store(ENT + row, tl.sum(acc_e, axis=0))
+        tl.store(PRED + row, tl.min(acc_arg, axis=0))
         # a row with a NaN / +inf logit (m = +inf) or no finite one is never certified: the caller redoes it
         # with PyTorch, which raises, so that nobody has to scan p for non-finite values
         tl.store(CONV + row, (done * (tl.abs(m) < float("inf")).to(tl.int32)).to(tl.int8))
@@ -430,7 +439,7 @@ def _fdiv_newton_kernel(
 @triton.jit
 def _kl_kernel(
     X, stride_x, T, G, stride_g, P, stride_p,
-    LOSS, TAU, SUPP, CONV,
+    LOSS, TAU, SUPP, CONV, ENT, PRED,
     V, log_q, ignore_index,
     HAS_TARGET: tl.constexpr,
     HAS_GRAD: tl.constexpr,
@@ -446,7 +455,7 @@ def _kl_kernel(
 
     c, ignored = _row_target(T, row, ignore_index, HAS_TARGET)
     if ignored:
-        _write_ignored_row(Grow, LOSS, TAU, SUPP, CONV, row, V, HAS_GRAD, BLOCK_V)
+        _write_ignored_row(Grow, LOSS, TAU, SUPP, CONV, ENT, PRED, row, V, HAS_GRAD, BLOCK_V)
     else:
         # ---- pass 1: online max and sum of exponentials ----------------------------------------
         if ONE_BLOCK:
@@ -469,8 +478,10 @@ def _kl_kernel(
         log_s = tl.log(s)
         inv_s = 1.0 / s
 
-        # ---- pass 2: p = exp(z) / s, support, write ---------------------------------------------
+        # ---- pass 2: p = exp(z) / s, support, entropy log s - sum p z, argmax, write -----------
         acc_n = tl.zeros([BLOCK_V], dtype=tl.int32)
+        acc_pz = tl.zeros([BLOCK_V], dtype=tl.float32)
+        acc_arg = tl.full([BLOCK_V], V, dtype=tl.int32)
         for start in range(0, V, BLOCK_V):
             cols = start + offs
             mask = cols < V
@@ -480,6 +491,8 @@ def _kl_kernel(
                 x = tl.load(Xrow + cols, mask=mask, other=float("-inf")).to(tl.float32)
             p = tl.exp(x - m) * inv_s
             acc_n += (p > 0.0).to(tl.int32)
+            acc_pz += tl.where(p > 0.0, p * (x - m), 0.0)
+            acc_arg = tl.minimum(acc_arg, tl.where(x == m, cols, V))
             if HAS_GRAD:
                 d = p - tl.where(cols == c, 1.0, 0.0)
                 tl.store(Grow + cols, d.to(G.dtype.element_ty), mask=mask)
@@ -489,6 +502,8 @@ def _kl_kernel(
             tl.store(LOSS + row, log_s - z_c)  # CE: logsumexp(z) - z_c (q cancels)
         tl.store(TAU + row, log_s + log_q)
         tl.store(SUPP + row, tl.sum(acc_n, axis=0))
+        tl.store(ENT + row, log_s - tl.sum(acc_pz, axis=0))
+        tl.store(PRED + row, tl.min(acc_arg, axis=0))
         tl.store(CONV + row, 1)
 
 
@@ -691,7 +706,8 @@ def _candidate_slots(kind: int, one_block: bool, consts: dict, candidates: Optio
     return candidates
 
 
-def _run(x, target, div, q, ignore_index, grad, out, n_iter, block_v, num_warps, candidates=None):
+def _run(x, target, div, q, ignore_index, grad, out, n_iter, block_v, num_warps, candidates=None,
+         with_stats=False):
     _check_rows(x)
     div = get_divergence(div)
     kind = _kernel_kind(div)
@@ -712,8 +728,11 @@ def _run(x, target, div, q, ignore_index, grad, out, n_iter, block_v, num_warps,
     tau = torch.empty(N, dtype=torch.float32, device=dev)
     supp = torch.empty(N, dtype=torch.int32, device=dev)
     conv = torch.empty(N, dtype=torch.int8, device=dev)
+    ent = torch.empty(N, dtype=torch.float32, device=dev)
+    pred = torch.empty(N, dtype=torch.int32, device=dev)
+    stats = (supp, ent, pred) if with_stats else supp
     if N == 0:
-        return loss, tau, supp, conv.view(torch.bool)
+        return loss, tau, stats, conv.view(torch.bool)
     has_target = target is not None
     if has_target:
         if not isinstance(target, torch.Tensor) or target.shape != (N,) or target.is_floating_point():
@@ -728,7 +747,7 @@ def _run(x, target, div, q, ignore_index, grad, out, n_iter, block_v, num_warps,
     if kind == -1:
         _kl_kernel[(N,)](
             x, x.stride(0), t_arg, g_arg, g_arg.stride(0), p_arg, p_arg.stride(0),
-            loss, tau, supp, conv, V, math.log(qf), int(ignore_index), **common,
+            loss, tau, supp, conv, ent, pred, V, math.log(qf), int(ignore_index), **common,
         )
     else:
         if n_iter is None:
@@ -744,12 +763,12 @@ def _run(x, target, div, q, ignore_index, grad, out, n_iter, block_v, num_warps,
         cand = torch.empty((N, n_cand) if n_cand else (1,), dtype=torch.float32, device=dev)
         _fdiv_newton_kernel[(N,)](
             x, x.stride(0), t_arg, g_arg, g_arg.stride(0), p_arg, p_arg.stride(0),
-            loss, tau, supp, conv, cand,
+            loss, tau, supp, conv, ent, pred, cand,
             V, qf, 1.0 / qf, k["lo0"], k["hi0"], k["val_const"], k["alpha"], k["a1"], k["inv_a1"],
             k["r_pow"], int(ignore_index), cand_lo,
             KIND=kind, N_ITER=n_iter, N_CAND=n_cand, **common,
         )
-    return loss, tau, supp, conv.view(torch.bool)
+    return loss, tau, stats, conv.view(torch.bool)
 
 
 def fy_loss_rows(
@@ -764,6 +783,7 @@ def fy_loss_rows(
     block_v: Optional[int] = None,
     num_warps: Optional[int] = None,
     candidates: Optional[int] = None,
+    with_stats: bool = False,
 ):
     """Per-row Fenchel-Young loss l_f(x, e_c; q) and, optionally, its gradient p - e_c.
 
@@ -795,10 +815,12 @@ def fy_loss_rows(
         (fp32); bool [N], False for rows whose Newton iteration hit the cap (their p is still normalised,
         but a caller wanting exact results should recompute those rows with PyTorch) and for rows with a
         NaN / +inf logit or no finite one (alpha, JS; KL gives them a non-finite loss and tau).
+        With ``with_stats``, support is the tuple (support, entropy, pred) for the metrics: the Shannon entropy
+        of p (fp32 [N], 0 log 0 = 0) and the first class of the row max (int32 [N]; -1 for ignored rows).
     """
     if target is None:
         raise ValueError("fy_loss_rows needs a target; use softargmax_rows for the operator.")
-    return _run(x, target, div, q, ignore_index, grad, None, n_iter, block_v, num_warps, candidates)
+    return _run(x, target, div, q, ignore_index, grad, None, n_iter, block_v, num_warps, candidates, with_stats)
 
 
 def softargmax_rows(
