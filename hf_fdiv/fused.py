@@ -13,8 +13,11 @@ For sparse f (alpha > 1) p - y has a handful of non-zeros per token: both produc
 columns of W (exact, like Cut Cross-Entropy's gradient filtering but with no threshold), so the
 backward costs O(tokens x support x H) instead of O(tokens x V x H).
 
-On the sync-free backend (CUDA) rows whose solution is not certified contribute nothing in the first
+On the sync-free backends (CUDA) rows whose solution is not certified contribute nothing in the first
 sweep; after the last token chunk one host synchronisation lists them and they are recomputed exactly.
+On the ``triton`` backend, class ids with a scalar q are solved by the Triton loss kernel, which writes
+p - e_c over the chunk's logits in place; the products with W are then dense (as in Liger-Kernel's fused
+linear cross-entropy), with no per-support gathers.
 """
 
 from __future__ import annotations
@@ -103,12 +106,13 @@ class _Head:
     """The LM head as the chunk loop uses it: logits in the work dtype (fp32, fp64 for fp64 heads), W
     rows and W products for the gradient pushes.
 
-    bf16/fp16 heads on CUDA use cuBLAS low-precision GEMMs with fp32 output (``out_dtype``): no fp32
-    copy of W and no bf16 rounding of the logits before the solve. Elsewhere W is cast once."""
+    bf16/fp16 heads use low-precision GEMMs with fp32 output (``out_dtype``, cuBLAS on CUDA) where the
+    device has them: no fp32 copy of W and no bf16 rounding of the logits before the solve. Elsewhere
+    (CPU) W is cast once."""
 
     def __init__(self, weight: Tensor, bias: Optional[Tensor], work_dtype: torch.dtype):
         self.work_dtype = work_dtype
-        self.low_precision = weight.is_cuda and weight.dtype in (torch.bfloat16, torch.float16)
+        self.low_precision = weight.dtype in (torch.bfloat16, torch.float16) and _has_fp32_out_gemm(weight)
         self.weight = weight if self.low_precision else weight.to(work_dtype)
         self.bias = None if bias is None else bias.to(work_dtype)
 
@@ -135,6 +139,15 @@ class _Head:
         if self.low_precision:
             return dz.to(self.weight.dtype) @ self.weight
         return dz @ self.weight
+
+
+def _has_fp32_out_gemm(weight: Tensor) -> bool:
+    """``torch.mm(..., out_dtype=torch.float32)`` runs for this weight's dtype and device (a 1 x 1 product)."""
+    try:
+        torch.mm(weight[:1], weight[:1].T, out_dtype=torch.float32)
+    except (TypeError, RuntimeError):  # CPU builds have no low-precision GEMM to fp32 (NotImplementedError)
+        return False
+    return True
 
 
 class _HeadGradients:
@@ -247,6 +260,46 @@ def _fit_chunk(hidden, head: _Head, problem: _FusedProblem, rows: Tensor, acc: _
     return left_out
 
 
+def _fit_chunk_kernel(hidden, head: _Head, problem: _FusedProblem, rows: Tensor, acc: _HeadGradients, bufs):
+    """:func:`_fit_chunk` on the Triton loss kernel (backend ``triton``: class ids, a scalar q): the kernel
+    writes p - e_c over the fp32 logits in place, which go through the head in dense products, as
+    Liger-Kernel's fused linear cross-entropy does. Rows the kernel does not certify are left out (returned
+    for the exact re-solve)."""
+    from .solver import triton_kernels
+
+    n = rows.numel()
+    h_chunk = hidden.index_select(0, rows)
+    z = problem.transform.apply(head.logits(h_chunk, None if bufs["z"] is None else bufs["z"][:n]))
+    deriv = problem.transform.derivative(z)  # before z is overwritten by p - e_c
+    losses, _, kstats, converged = triton_kernels.fy_loss_rows(
+        z, problem.target[rows], problem.div, problem.reference, grad=z if acc.wanted else None,
+        n_iter=problem.max_iter, with_stats=problem.stats is not None,
+    )
+    uncertain = ~converged | ~torch.isfinite(losses)
+    acc.total += losses.masked_fill(uncertain, 0.0).sum()
+    if problem.stats is not None:  # the re-solve overwrites the uncertain rows
+        support, entropy, pred = kstats
+        st = problem.stats
+        st.support[rows], st.entropy[rows], st.pred[rows] = support.to(st.support.dtype), entropy, pred.long()
+        st.solved[rows], st.skipped[rows] = True, False
+    if acc.wanted:
+        if deriv is not None:
+            z.mul_(deriv)
+        acc.push_dense(z.masked_fill_(uncertain[:, None], 0.0), h_chunk.to(head.work_dtype), head, rows)
+    return [(rows, uncertain)]
+
+
+def _kernel_covers(problem: _FusedProblem, weight: Tensor) -> bool:
+    """The Triton loss kernel can solve the chunks: class ids, a scalar q, a divergence it supports."""
+    if isinstance(problem.target, RowProvider) or isinstance(problem.reference, (Tensor, RowProvider)):
+        return False
+    if weight.dtype == torch.float64:
+        return False
+    from .solver import triton_kernels
+
+    return triton_kernels.supports(problem.div, problem.reference)
+
+
 class FusedLinearFDivFunction(torch.autograd.Function):
     """Scalar sum of l_f over ``problem.rows`` for logits = transform(hidden @ weight^T + bias)."""
 
@@ -259,15 +312,22 @@ class FusedLinearFDivFunction(torch.autograd.Function):
         c = problem.chunk_rows
         shape = (min(c, problem.rows.numel()), weight.shape[0])
         new = lambda: torch.empty(shape, dtype=work_dtype, device=hidden.device)  # noqa: E731
-        bufs = {"z": None if head.low_precision else new(), "dz": new()}  # low-precision GEMMs allocate z
+        # low-precision GEMMs allocate z; the kernel writes p - e_c over z (dz only for a re-solve)
+        bufs = {"z": None if head.low_precision else new(), "dz": None if problem.backend == "triton" else new()}
         if problem.backend == "chunked":
             bufs["work"] = new()
         left_out = []
         for a in range(0, problem.rows.numel(), c):
-            left_out += _fit_chunk(hidden, head, problem, problem.rows[a : a + c], acc, problem.backend, bufs)
+            chunk = problem.rows[a : a + c]
+            if problem.backend == "triton":
+                left_out += _fit_chunk_kernel(hidden, head, problem, chunk, acc, bufs)
+            else:
+                left_out += _fit_chunk(hidden, head, problem, chunk, acc, problem.backend, bufs)
         if left_out:
             rows = torch.cat([r for r, _ in left_out])
             redo = rows[torch.cat([m for _, m in left_out])]  # the one host synchronisation of the sweep
+            if redo.numel() and bufs["dz"] is None:
+                bufs["dz"] = new()
             for a in range(0, redo.numel(), c):
                 _fit_chunk(hidden, head, problem, redo[a : a + c], acc, "chunked", bufs | {"work": None})
         ctx.grads = (
@@ -345,13 +405,13 @@ def fused_linear_fdiv_loss(
         total = (h2.sum() * 0.0 + weight.sum() * 0.0).float()
         return (total, stats) if return_stats else total
     backend = solver_backend(h2)
-    if backend == "triton":  # the kernels compute whole losses; inside the fused head the solve is batched
-        backend = "batched"
     if chunk_elements is None:
         chunk_elements = FUSED_CHUNK_ELEMENTS if backend == "chunked" else FUSED_DEVICE_CHUNK_ELEMENTS
     problem = _FusedProblem(
         target=target, rows=rows, reference=reference, div=div, transform=transform, max_iter=max_iter,
         chunk_rows=rows_per_chunk(chunk_elements, V), skip_nonfinite=skip_nonfinite, backend=backend, stats=stats,
     )
+    if backend == "triton" and not _kernel_covers(problem, weight):  # other cases: the sync-free PyTorch solve
+        problem.backend = "batched"
     total = FusedLinearFDivFunction.apply(h2, weight, bias, problem)
     return (total, stats) if return_stats else total

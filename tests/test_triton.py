@@ -448,6 +448,45 @@ def test_trainers_loss_rows_with_stats_rows_and_skipping_match_cpu_path(monkeypa
     assert want[2].pred.tolist()[4:] == [9, 200] and want[2].skipped.tolist()[1] and not want[2].solved[2]
 
 
+
+@pytest.mark.parametrize("name", ["kl", "alpha:1.5", "js", "alpha:2"])
+def test_fused_head_on_the_kernel_equals_the_fp64_materialised_loss(monkeypatch, name):
+    """fused_linear_fdiv_loss on the triton backend: the kernel solves each token chunk (ignored tokens,
+    a soft-capped head, chunks of 16 tokens), gives the materialised fp64 loss, gradients and metrics, also
+    when a chunk has rows the kernel does not certify (one Newton pass: the exact re-solve)."""
+    from hf_fdiv.fused import LogitTransform, fused_linear_fdiv_loss
+
+    g = torch.Generator().manual_seed(14)
+    N, H, V_ = 40, 8, 301
+    h = torch.randn(N, H, generator=g, dtype=torch.float64)
+    W = torch.randn(V_, H, generator=g, dtype=torch.float64)
+    t = torch.randint(0, V_, (N,), generator=g)
+    t[::5] = IGNORE
+    transform = LogitTransform(scale=0.5, softcap=6.0)
+    a = [v.clone().requires_grad_() for v in (h, W)]
+    z = torch.tanh(0.5 * (a[0] @ a[1].T) / 6.0) * 6.0
+    want, want_stats = fdiv_loss(z, t, name, reduction="sum", return_stats=True)
+    want.backward()
+    monkeypatch.setenv("HF_FDIV_SOLVER", "triton")
+    calls = []
+    kernel = tk.fy_loss_rows
+    monkeypatch.setattr(tk, "fy_loss_rows", lambda *args, **k: calls.append(1) or kernel(*args, **k))
+    for n_iter_alpha in (16, 1):
+        monkeypatch.setattr(tk, "DEFAULT_N_ITER_ALPHA", n_iter_alpha)
+        c = [v.float().clone().requires_grad_() for v in (h, W)]
+        got, stats = fused_linear_fdiv_loss(c[0], c[1], t, name, transform=transform, chunk_elements=16 * V_,
+                                            return_stats=True)
+        got.backward()
+        assert len(calls) == 2 and calls.clear() is None  # 32 tokens in chunks of 16: the kernel ran twice
+        torch.testing.assert_close(got.double(), want.detach(), atol=2e-4, rtol=1e-5)
+        for x_got, x_want in zip(c, a):
+            torch.testing.assert_close(x_got.grad.double(), x_want.grad, atol=2e-5, rtol=1e-4)
+        live = t != IGNORE
+        assert torch.equal(stats.support[live], want_stats.support[live])
+        assert torch.equal(stats.pred[live], want_stats.pred[live]) and torch.equal(stats.solved, live)
+        torch.testing.assert_close(stats.entropy[live], want_stats.entropy[live].float(), atol=2e-5, rtol=1e-5)
+
+
 def test_unconverged_and_nonfinite_rows_take_the_exact_path(monkeypatch):
     monkeypatch.setenv("HF_FDIV_SOLVER", "triton")
     g = torch.Generator().manual_seed(12)
