@@ -327,6 +327,10 @@ class Case:
     fused: bool = False
     traffic_budget: Optional[float] = None
     launch_budget: Optional[int] = None
+    #: runs Triton kernels whatever the backend (Liger-Kernel): count them
+    kernels: bool = False
+    #: rows per chunk at N x V (hidden H) when the case chunks by its own rule (Liger-Kernel)
+    step_fn: Optional[Callable[[int, int, int], int]] = None
 
 
 def _logits(rows, V, dtype, hidden=None, seed=0):
@@ -392,7 +396,63 @@ def _materialised_ce(d):
     F.cross_entropy((d["h"] @ d["W"].T).float(), d["t"], reduction="sum").backward()
 
 
+def _liger_ce(d):
+    from liger_kernel.ops.cross_entropy import LigerCrossEntropyFunction
+
+    LigerCrossEntropyFunction.apply(d["x"], d["t"], None)[0].backward()
+
+
+def liger_chunk_rows(N: int, V: int, H: int, mem_const: int = 1) -> int:
+    """Tokens per chunk of Liger-Kernel's fused linear cross-entropy (0.8.5, ``fused_linear_cross_entropy``):
+    the logits of a chunk are bounded by ``mem_const`` x N x H elements, rounded to a power of two."""
+    inc = -(-V // (mem_const * H))
+    return min(1 << max(0, math.ceil(math.log2(-(-N // inc)))), N)
+
+
+def liger_mem_const(rows: int, step: int, V: int, H: int) -> int:
+    """The ``chunk_mem_const`` that makes Liger chunk ``rows`` tokens by ``step`` (for the measurements)."""
+    for c in range(1, V + 1):
+        if liger_chunk_rows(rows, V, H, c) == step:
+            return c
+    raise ValueError(f"Liger-Kernel cannot chunk {rows} tokens by {step} at V={V}, H={H}.")
+
+
+def _liger_fused(d):
+    from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+
+    (rows, H), V = d["h"].shape, d["W"].shape[0]
+    c = liger_mem_const(rows, d["chunk_elements"] // V, V, H)
+    out = LigerFusedLinearCrossEntropyFunction.apply(
+        d["h"], d["W"], d["t"], None, None, -100, 0.0, 0.0, "sum", None, False, None, False, False, False, None, None, c
+    )
+    (out[0] if isinstance(out, tuple) else out).backward()
+
+
+def _liger_ready() -> bool:
+    """Liger-Kernel is installed and its kernels can run here (CUDA, or Triton's interpreter)."""
+    try:
+        import liger_kernel.ops.fused_linear_cross_entropy  # noqa: F401
+    except Exception:  # not installed, or an incompatible torch / triton
+        return False
+    return True
+
+
+_CPU_FP32_OUT_GEMM = []
+
+
+def cuda_like_gemms() -> None:
+    """bf16 / fp16 GEMMs with fp32 output (``torch.mm(..., out_dtype=torch.float32)``, cuBLAS on CUDA) made
+    available on CPU, computed as an fp32 product, so that the fused LM head takes its CUDA path here and
+    the meter counts what a GPU moves: bf16 operands read, fp32 logits written, no fp32 copy of W."""
+    if _CPU_FP32_OUT_GEMM or torch.cuda.is_available():
+        return
+    lib = torch.library.Library("aten", "IMPL")
+    lib.impl("mm.dtype", lambda a, b, out_dtype: torch.mm(a.to(out_dtype), b.to(out_dtype)), "CPU")
+    _CPU_FP32_OUT_GEMM.append(lib)  # kept alive: the registration lasts as long as the library object
+
+
 CE, SOFTMAX, MAT_CE = "F.cross_entropy", "torch.softmax", "materialised F.cross_entropy"
+LIGER_CE, LIGER_FUSED = "Liger cross-entropy", "Liger fused linear cross-entropy"
 LAUNCH_BUDGET = 50  # per chunk, every loss and the operator (issue 23)
 
 
@@ -400,13 +460,20 @@ LAUNCH_BUDGET = 50  # per chunk, every loss and the operator (issue 23)
 OTHER_DIVERGENCES = ("reverse_kl", "chi2", "squared_hellinger", "alpha:0.5", "alpha:3")
 
 
-def cases(triton: bool = True, all_divergences: bool = False) -> list[Case]:
-    """Baselines first; then hf_fdiv on the batched backend, the fused LM head, and the Triton kernels."""
+def cases(triton: bool = True, all_divergences: bool = False, liger: bool = False) -> list[Case]:
+    """Baselines first (Liger-Kernel's when ``liger``); then hf_fdiv on the batched backend, the fused LM
+    head, and the Triton kernels."""
     out = [
         Case(CE, _logits, _ce),
         Case(SOFTMAX, _op_inputs, _softmax),
         Case(MAT_CE, _fused_inputs, _materialised_ce),
     ]
+    if liger:
+        out += [
+            Case(LIGER_CE, _logits, _liger_ce, CE, kernels=True),
+            Case(LIGER_FUSED, _fused_inputs, _liger_fused, MAT_CE, fused=True, kernels=True,
+                 step_fn=liger_chunk_rows),
+        ]
     budgets = {"kl": 1.5, "alpha:1.5": 1.5, "js": 3.0, "alpha:2": None}
     backends = ["batched"] + (["triton"] if triton else [])
     for backend in backends:
@@ -424,8 +491,13 @@ def cases(triton: bool = True, all_divergences: bool = False) -> list[Case]:
                                 LAUNCH_BUDGET))
             out.append(Case(f"f_softargmax {spec}", _op_inputs, _f_softargmax(spec), SOFTMAX, "batched", False,
                             None, LAUNCH_BUDGET))
-    for spec in ("alpha:1.5", "kl"):
-        out.append(Case(f"fused {spec}", _fused_inputs, _fused(spec), MAT_CE, "batched", True, None, LAUNCH_BUDGET))
+    # the fused head: alpha = 1.5 within 1.5x the traffic of Liger's fused linear cross-entropy (issue 23)
+    fused_base, fused_budget = (LIGER_FUSED, {"alpha:1.5": 1.5}) if liger else (MAT_CE, {})
+    for backend in backends:
+        tag = "" if backend == "batched" else " [triton]"
+        for spec in ("alpha:1.5", "kl"):
+            out.append(Case(f"fused {spec}{tag}", _fused_inputs, _fused(spec), fused_base, backend, True,
+                            fused_budget.get(spec), LAUNCH_BUDGET))
     return out
 
 
@@ -436,11 +508,13 @@ def cases(triton: bool = True, all_divergences: bool = False) -> list[Case]:
 METRICS = ("launches", "bytes_written", "bytes_read", "syncs", "peak_bytes")
 
 
-def full_step(case: Case, V: int) -> int:
+def full_step(case: Case, V: int, N: int = 1, hidden: int = 2048) -> int:
     """Rows per chunk of the case at its real chunk budget (read now: hf_fdiv reads it at call time)."""
     from hf_fdiv.fused import FUSED_DEVICE_CHUNK_ELEMENTS
     from hf_fdiv.solver.batched import backend_chunk_rows
 
+    if case.step_fn is not None:
+        return case.step_fn(N, V, hidden)
     if case.fused:
         return max(1, FUSED_DEVICE_CHUNK_ELEMENTS // V)
     return backend_chunk_rows("batched", V)
@@ -472,7 +546,9 @@ def measure(case: Case, rows: int, step: int, V: int, dtype, hidden: int = 2048)
     for t in d.values():  # a shared input must not accumulate into an earlier call's .grad
         t.grad = None
     d["chunk_elements"] = step * V
-    triton = case.backend == "triton"
+    triton = case.backend == "triton" or case.kernels
+    if case.fused:
+        cuda_like_gemms()
     with chunk_budget(step * V, case.backend):
         with (TritonCounter() if triton else contextlib.nullcontext()) as tc, CostMeter() as m:
             case.run(d)
@@ -548,7 +624,7 @@ def extrapolate(case: Case, N: int, V: int, dtype, s: int, hidden: int = 2048, V
     (``PLAN``): per call, per chunk, and the fits. Per-row bytes scale by V / V_meas (Triton cases).
     ``model_ok``: the count fit (from A-D) also predicts measurement E exactly."""
     Vm = V_meas or V
-    step = full_step(case, V)
+    step = full_step(case, V, N, hidden)
     s = max(1, min(s, step // 2))  # measured chunks stay smaller than the real ones
     measure(case, s, s, Vm, dtype, hidden)  # warm-up: first calls cache constants (extra .item()s), as on a GPU
     runs = {k: measure(case, r * s, st * s, Vm, dtype, hidden) for k, (r, st) in PLAN.items()}
@@ -570,7 +646,10 @@ def extrapolate(case: Case, N: int, V: int, dtype, s: int, hidden: int = 2048, V
     out["launches_one_chunk"] = runs["A"]["launches"]
     if "kernel" in runs["A"]:
         kc = kernel_costs([r["kernel"] for r in runs.values()], N, V)
-        out["launches"] += kc["launches"]
+        # kernel launches: fixed per call (the loss kernels) or per chunk (the fused heads)
+        lf = fit_counts({name: r["kernel"]["launches"] for name, r in runs.items()}, s)
+        out["launches"] += lf.at(N, chunks, step)
+        out["launches_per_chunk"] += lf.b + lf.c * min(step, N)
         out["launches_one_chunk"] += kc["launches"]
         out["bytes_read"] += kc["bytes_read"]
         out["bytes_written"] += kc["bytes_written"]
@@ -668,6 +747,7 @@ def main(argv=None) -> list[dict]:
                     help="rows x V the Triton kernels are measured at (default: 4 rows of the full shape's V, "
                          "so that the kernels take the full shape's tiling: one tile up to V = 32768)")
     ap.add_argument("--no-triton", action="store_true", help="skip the Triton cases")
+    ap.add_argument("--no-liger", action="store_true", help="skip Liger-Kernel's cases (run when it is installed)")
     ap.add_argument("--all-divergences", action="store_true",
                     help="also every other built-in generator's loss and operator on the batched backend")
     ap.add_argument("--only", action="append", help="keep cases whose name contains this (baselines always kept)")
@@ -679,7 +759,8 @@ def main(argv=None) -> list[dict]:
     if len(dtypes) == 1 and len(shapes) > 1:
         dtypes = dtypes * len(shapes)
     triton = not args.no_triton and _triton_ready()
-    all_cases = [c for c in cases(triton, args.all_divergences)
+    liger = triton and not args.no_liger and _liger_ready()
+    all_cases = [c for c in cases(triton, args.all_divergences, liger)
                  if c.baseline is None or not args.only or any(o in c.name for o in args.only)]
     by_name = {c.name: c for c in all_cases}
     report = {"shapes": []}
@@ -689,7 +770,7 @@ def main(argv=None) -> list[dict]:
         results = []
         for case in all_cases:
             print(f"  measuring {case.name} ...", file=sys.stderr, flush=True)
-            if case.backend == "triton":
+            if case.backend == "triton" or case.kernels:
                 results.append(extrapolate(case, N, V, dtype, tn, args.hidden, V_meas=tv))
             else:
                 results.append(extrapolate(case, N, V, dtype, args.rows, args.hidden))

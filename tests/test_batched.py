@@ -2,6 +2,7 @@
 the CPU path and the oracles, and a constant number of host synchronisations per call."""
 
 import math
+import types
 
 import entmax
 import pytest
@@ -51,6 +52,20 @@ def test_backend_selection(monkeypatch):
     monkeypatch.setenv("HF_FDIV_SOLVER", "fast")
     with pytest.raises(ValueError, match="HF_FDIV_SOLVER='fast' is not a solver backend.*chunked, batched"):
         f_softargmax(x)
+
+
+def test_auto_picks_the_triton_kernels_on_cuda_when_triton_imports(monkeypatch):
+    """Only the device type is read, so a CUDA device is enough to check the choice without a GPU."""
+    import hf_fdiv.solver as solver
+
+    monkeypatch.delenv("HF_FDIV_SOLVER", raising=False)
+    on = lambda kind: types.SimpleNamespace(device=torch.device(kind))  # noqa: E731
+    monkeypatch.setattr(solver, "triton_available", lambda: True)
+    assert solver_backend(on("cuda")) == "triton"
+    assert solver_backend(on("xpu")) == "batched"  # the kernels are CUDA kernels
+    assert solver_backend(on("cpu")) == "chunked"
+    monkeypatch.setattr(solver, "triton_available", lambda: False)
+    assert solver_backend(on("cuda")) == "batched"
 
 
 # --------------------------------------------------------------------------------- exactness

@@ -176,6 +176,34 @@ def test_sparse_kernels_read_a_long_row_three_times():
     assert bwd.block_loaded == 2 * rows * V_ + 2 * support and bwd.block_stored == rows * V_
 
 
+def test_liger_chunking_rule():
+    """Liger-Kernel's own example (fused_linear_cross_entropy.py): BT = 4096 * 4, V = 32000, H = 4096 gives
+    chunks of 2048 tokens; the measurements pick the chunk_mem_const that gives a wanted chunk."""
+    gc = _load()
+    assert gc.liger_chunk_rows(4096 * 4, 32000, 4096) == 2048
+    assert gc.liger_chunk_rows(8192, 128256, 2048) == 256  # the GPU benchmark's fused head: 32 chunks
+    assert gc.liger_chunk_rows(3, 128256, 2048) == 1 and gc.liger_chunk_rows(16, 100, 4096) == 16
+    for rows, step in ((4, 4), (8, 4), (8, 8), (16, 8), (12, 4)):
+        c = gc.liger_mem_const(rows, step, 128256, 2048)
+        assert gc.liger_chunk_rows(rows, 128256, 2048, c) == step
+    with pytest.raises(ValueError, match="cannot chunk"):
+        gc.liger_mem_const(8, 3, 1000, 16)
+
+
+def test_liger_fused_case_counts_one_kernel_per_chunk():
+    """Where Liger-Kernel is installed (not in CI): its fused linear cross-entropy, measured by the meter,
+    launches its cross-entropy kernel once per token chunk, reading each logit twice and writing it once."""
+    pytest.importorskip("triton")
+    gc = _load()
+    if not gc._triton_ready() or not gc._liger_ready():
+        pytest.skip("needs Liger-Kernel and Triton (CUDA or the interpreter)")
+    case = next(c for c in gc.cases(triton=True, liger=True) if c.name == gc.LIGER_FUSED)
+    r = gc.measure(case, 8, 4, 300, torch.float32, 16)
+    k = r["kernel"]
+    assert k["kernels"] == {"liger_cross_entropy_kernel": 2}
+    assert (k["block_loaded"], k["block_stored"]) == (2 * 8 * 300, 8 * 300)
+
+
 def test_main_prints_the_table(capsys, tmp_path):
     gc = _load()
     out = tmp_path / "cost.json"

@@ -9,11 +9,11 @@ Backends (``docs/solver.md``), chosen per call by :func:`solver_backend`:
 * ``chunked`` (:mod:`.chunked`): cache-sized chunks and host-side early exits, for CPU tensors;
 * ``batched`` (:mod:`.batched`): all rows at once, fixed passes and device-side exactness
   certificates, one host synchronisation per call in the common case, for CUDA tensors;
-* ``triton``: CUDA kernels for the losses (:mod:`hf_fdiv.solver.triton_kernels`); cases they do not
-  cover use ``batched``.
+* ``triton``: CUDA kernels for the losses, the operator and the fused LM head
+  (:mod:`hf_fdiv.solver.triton_kernels`); cases they do not cover use ``batched``.
 
-``HF_FDIV_SOLVER=auto|chunked|batched|triton`` forces one (``auto``: ``chunked`` on CPU, ``batched``
-on CUDA; ``triton`` is opt-in until it has been measured on a GPU), so that CPU CI runs every path.
+``HF_FDIV_SOLVER=auto|chunked|batched|triton`` forces one (``auto``: ``chunked`` on CPU; on CUDA
+``triton`` when Triton can be imported, else ``batched``), so that CPU CI runs every path.
 
 Differentiation never unrolls the iterations: :class:`FSoftargmaxFunction` uses the closed-form
 Jacobian J = diag(s) - s s^T / sum(s), s_j = q_j / f''(p_j / q_j) (zero off the support).
@@ -91,7 +91,7 @@ __all__ = [
 ]
 
 BACKENDS = ("auto", "chunked", "batched", "triton")
-#: what ``auto`` picks for tensors on an accelerator
+#: what ``auto`` picks for tensors on an accelerator other than CUDA, or on CUDA without Triton
 GPU_DEFAULT_BACKEND = "batched"
 ENV_VAR = "HF_FDIV_SOLVER"
 
@@ -107,15 +107,17 @@ def triton_available() -> bool:
 
 
 def solver_backend(x: Tensor) -> str:
-    """The backend for a tensor: ``HF_FDIV_SOLVER`` if set, else ``chunked`` on CPU and
-    ``GPU_DEFAULT_BACKEND`` on other devices. Read at every call."""
+    """The backend for a tensor: ``HF_FDIV_SOLVER`` if set, else ``chunked`` on CPU, ``triton`` on CUDA
+    when Triton can be imported and ``GPU_DEFAULT_BACKEND`` otherwise. Read at every call."""
     choice = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
     if choice not in BACKENDS:
         raise ValueError(f"{ENV_VAR}={choice!r} is not a solver backend: use one of {', '.join(BACKENDS)}.")
     if choice == "auto":
-        # CUDA tensors take the sync-free PyTorch path: the Triton kernels pass their tests under the
-        # interpreter but have not yet been timed and checked on a GPU, so they stay opt-in until then.
-        return "chunked" if x.device.type == "cpu" else GPU_DEFAULT_BACKEND
+        if x.device.type == "cpu":
+            return "chunked"
+        # the kernels meet issue 23's traffic and launch budgets by the cost meter; batched makes ~500
+        # launches per chunk (benchmarks/gpu_cost.py)
+        return "triton" if x.device.type == "cuda" and triton_available() else GPU_DEFAULT_BACKEND
     if choice == "triton" and not triton_available():
         raise ValueError(
             f"{ENV_VAR}=triton but Triton cannot be imported: install it (`pip install hf-fdiv[gpu]`) or use "
