@@ -236,6 +236,9 @@ def _scaled_gradient(ctx, grad_losses: Tensor, name: str = "fdiv_loss") -> Tenso
     return scale_rows(grad, grad_losses, not keep)
 
 
+_STATS_DTYPES = (torch.float32, torch.float32, torch.long, torch.bool, torch.bool)  # RowStats' fields
+
+
 class TritonFYLossFunction(torch.autograd.Function):
     """Per-row losses [N] of class-id targets with a scalar reference, from the Triton row kernel
     (:mod:`hf_fdiv.solver.triton_kernels`: one program per row writes the loss, p - e_c and the metrics'
@@ -258,8 +261,9 @@ class TritonFYLossFunction(torch.autograd.Function):
             support, entropy, pred = kstats
             solved = target != options.ignore_index
             stats = RowStats(support.float(), entropy, pred.long(), solved, torch.zeros_like(solved))
-        else:
-            stats = RowStats.empty(0, x.device)
+        else:  # allocations only: no kernel launch
+            stats = RowStats(*(torch.empty(0, dtype=d, device=x.device) for d in _STATS_DTYPES))
+        ctx.set_materialize_grads(False)  # no zero gradients made for the statistics
         redo = (~converged | ~torch.isfinite(losses)).nonzero().squeeze(1)  # the one host synchronisation
         if redo.numel():
             with torch.enable_grad():
@@ -278,6 +282,8 @@ class TritonFYLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_losses, *unused):
         first_order_only("fdiv_loss")
+        if grad_losses is None:  # only the statistics were used
+            return None, None, None, None, None
         return _scaled_gradient(ctx, grad_losses), None, None, None, None
 
 
