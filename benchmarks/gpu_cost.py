@@ -437,18 +437,21 @@ def _liger_ready() -> bool:
     return True
 
 
-_CPU_FP32_OUT_GEMM = []
-
-
-def cuda_like_gemms() -> None:
+@contextlib.contextmanager
+def cuda_like_gemms():
     """bf16 / fp16 GEMMs with fp32 output (``torch.mm(..., out_dtype=torch.float32)``, cuBLAS on CUDA) made
-    available on CPU, computed as an fp32 product, so that the fused LM head takes its CUDA path here and
-    the meter counts what a GPU moves: bf16 operands read, fp32 logits written, no fp32 copy of W."""
-    if _CPU_FP32_OUT_GEMM or torch.cuda.is_available():
+    available on CPU for the duration, computed as an fp32 product, so that the fused LM head takes its CUDA
+    path here and the meter counts what a GPU moves: bf16 operands read, fp32 logits written, no fp32 copy
+    of W. The registration is removed on exit: later code in the process sees the CPU build as it is."""
+    if torch.cuda.is_available():
+        yield
         return
     lib = torch.library.Library("aten", "IMPL")
-    lib.impl("mm.dtype", lambda a, b, out_dtype: torch.mm(a.to(out_dtype), b.to(out_dtype)), "CPU")
-    _CPU_FP32_OUT_GEMM.append(lib)  # kept alive: the registration lasts as long as the library object
+    try:
+        lib.impl("mm.dtype", lambda a, b, out_dtype: torch.mm(a.to(out_dtype), b.to(out_dtype)), "CPU")
+        yield
+    finally:
+        lib._destroy()
 
 
 CE, SOFTMAX, MAT_CE = "F.cross_entropy", "torch.softmax", "materialised F.cross_entropy"
@@ -547,9 +550,8 @@ def measure(case: Case, rows: int, step: int, V: int, dtype, hidden: int = 2048)
         t.grad = None
     d["chunk_elements"] = step * V
     triton = case.backend == "triton" or case.kernels
-    if case.fused:
-        cuda_like_gemms()
-    with chunk_budget(step * V, case.backend):
+    gemms = cuda_like_gemms() if case.fused else contextlib.nullcontext()
+    with gemms, chunk_budget(step * V, case.backend):
         with (TritonCounter() if triton else contextlib.nullcontext()) as tc, CostMeter() as m:
             case.run(d)
     res = {k: getattr(m, k) for k in METRICS}

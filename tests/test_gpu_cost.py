@@ -219,3 +219,21 @@ def test_main_prints_the_table(capsys, tmp_path):
     rows = {r["case"]: r for r in data["shapes"][0]["results"]}
     assert rows["F.cross_entropy"]["launches"] > 0 and rows["fdiv_loss alpha:1.5"]["bytes_read"] > 0
     assert "fdiv_loss js" not in rows  # --only keeps the matching cases and the baselines
+
+
+def test_the_cpu_emulation_of_fp32_output_gemms_ends_with_the_measurement():
+    """The meter lends the CPU a bf16 GEMM with fp32 output while it measures a fused head, and takes it
+    back: afterwards the fused head in the same process must see the CPU build as it is (it casts W to
+    fp32), or its loss differs from the fp32 oracle by bf16 rounding (CI caught it through test order)."""
+    if torch.cuda.is_available():
+        pytest.skip("CUDA has the GEMM; nothing is emulated")
+    gc = _load()
+    w = torch.randn(3, 4, dtype=torch.bfloat16)
+    with gc.cuda_like_gemms():
+        assert torch.mm(w, w.T, out_dtype=torch.float32).dtype == torch.float32
+    with pytest.raises(NotImplementedError):
+        torch.mm(w, w.T, out_dtype=torch.float32)
+    fused = next(c for c in gc.cases(triton=False) if c.fused)
+    gc.measure(fused, 4, 2, 64, torch.bfloat16, 8)
+    with pytest.raises(NotImplementedError):
+        torch.mm(w, w.T, out_dtype=torch.float32)
