@@ -133,3 +133,85 @@ def test_huge_page_advice_is_off_with_the_switch(monkeypatch):
     monkeypatch.setenv("HF_FDIV_TUNE_MALLOC", "0")
     assert "hg" not in _vm_flags(empty_like_output(torch.empty(512, 32768)))
     assert empty_like_output(torch.empty(3, 5), zero=True).eq(0).all()
+
+
+# ---- the output cache (empty_like_output) ------------------------------------------------------
+
+
+def _minor_faults() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def test_an_output_of_a_freed_size_reuses_its_mapping_without_faults(monkeypatch):
+    """The next output of the same size after the last tensor on a mapping is gone (views included)
+    gets that mapping back, faulted in already: a 64 MiB output written again costs no page faults."""
+    import torch
+
+    from hf_fdiv.solver import empty_like_output, release_cached_outputs
+
+    monkeypatch.delenv("HF_FDIV_TUNE_MALLOC", raising=False)
+    release_cached_outputs()
+    x = torch.empty(512, 32768)
+    first = empty_like_output(x)
+    first.fill_(1.0)
+    ptr, view = first.data_ptr(), first[7:9]
+    del first
+    busy = empty_like_output(x)  # a view still holds the first mapping: a new one
+    assert busy.data_ptr() != ptr and view.eq(1.0).all()
+    del busy, view
+    start = _minor_faults()
+    again = empty_like_output(x)
+    again.fill_(2.0)
+    assert again.data_ptr() == ptr and _minor_faults() - start < 64  # 16 384 small pages when fresh
+    zeroed = empty_like_output(torch.empty(512, 32768, dtype=torch.bfloat16), zero=True)
+    assert zeroed.dtype == torch.bfloat16 and zeroed.shape == (512, 32768) and zeroed.eq(0).all()
+    del again, zeroed
+    assert release_cached_outputs() >= 2 * (64 << 20) - 1  # the 64 MiB and the 32 MiB ones, both idle
+
+
+def test_a_held_output_keeps_its_values_while_others_are_made(monkeypatch):
+    """An operator's output that the caller keeps is never handed out again: later calls of the same
+    size write elsewhere, and the kept values stay those of their own call."""
+    import torch
+
+    import hf_fdiv
+
+    monkeypatch.delenv("HF_FDIV_TUNE_MALLOC", raising=False)
+    torch.manual_seed(0)
+    x = torch.randn(256, 32768) * 2  # 32 MiB: the smallest cached output
+    kept = [hf_fdiv.f_softargmax(x + k, "js") for k in range(3)]
+    kept.append(hf_fdiv.f_softargmax(x * 3, "js"))
+    assert len({p.data_ptr() for p in kept}) == 4
+    want = hf_fdiv.f_softargmax(x.double(), "js")
+    for p in kept[:3]:  # x + k: the same softargmax (shift invariance), each in its own mapping
+        torch.testing.assert_close(p.double(), want, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(kept[3].double(), hf_fdiv.f_softargmax(x.double() * 3, "js"), atol=1e-6, rtol=1e-5)
+
+
+def test_the_cache_stays_within_its_budget(monkeypatch):
+    """Beyond ``OUTPUT_CACHE_BYTES`` idle mappings of other sizes are unmapped first, then outputs are plain
+    allocations; with the switch off nothing is cached."""
+    import torch
+
+    from hf_fdiv.solver import cpu_allocator, empty_like_output, release_cached_outputs
+
+    monkeypatch.delenv("HF_FDIV_TUNE_MALLOC", raising=False)
+    release_cached_outputs()
+    monkeypatch.setattr(cpu_allocator, "OUTPUT_CACHE_BYTES", 100 << 20)
+    a = empty_like_output(torch.empty(256, 32768))  # 32 MiB
+    b = empty_like_output(torch.empty(256, 32768))  # 64 MiB in the cache
+    del a
+    c = empty_like_output(torch.empty(384, 32768))  # 48 MiB: the idle 32 MiB one is unmapped for it
+    assert sorted(len(m) >> 20 for m in cpu_allocator._cache.maps) == [32, 48]
+    d = empty_like_output(torch.empty(384, 32768))  # no room, nothing idle: a plain allocation
+    assert sorted(len(m) >> 20 for m in cpu_allocator._cache.maps) == [32, 48]
+    assert all(d.data_ptr() != t.data_ptr() for t in (b, c))
+    monkeypatch.setenv("HF_FDIV_TUNE_MALLOC", "0")
+    del b
+    e = empty_like_output(torch.empty(256, 32768))
+    assert sorted(len(m) >> 20 for m in cpu_allocator._cache.maps) == [32, 48]  # the idle 32 MiB one unused
+    del c, d, e
+    monkeypatch.delenv("HF_FDIV_TUNE_MALLOC")
+    assert release_cached_outputs() == 80 << 20 and cpu_allocator._cache.maps == []

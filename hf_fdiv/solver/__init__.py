@@ -31,7 +31,7 @@ from ..divergences import KL, DivergenceSpec, FDivergence, get_divergence
 from . import learnable_alpha
 from .batched import backend_chunk_rows, solve_rows_batched
 from .chunked import CHUNK_ELEMENTS, SPARSE_TOPK, solve_rows_chunked
-from .cpu_allocator import empty_like_output, tune_cpu_allocator
+from .cpu_allocator import empty_like_output, release_cached_outputs, tune_cpu_allocator
 from .core import (
     DEFAULT_MAX_ITER,
     NewtonPolicy,
@@ -84,6 +84,7 @@ __all__ = [
     "work_chunk_rows",
     "tune_cpu_allocator",
     "empty_like_output",
+    "release_cached_outputs",
     "rows_per_chunk",
     "CHUNK_ELEMENTS",
     "DEFAULT_MAX_ITER",

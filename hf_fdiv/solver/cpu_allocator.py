@@ -19,18 +19,36 @@ allocates them with ``madvise(MADV_HUGEPAGE)`` where Linux's transparent huge pa
 mode (the common default), so that the kernel maps 2 MiB pages: 512x fewer faults (measured 637 per
 call, 26 ms, when huge pages are free; the kernel falls back to small pages silently when they are not).
 The same ``HF_FDIV_TUNE_MALLOC=0`` turns it off.
+
+Even on huge pages, the first write to fresh memory is what an output costs most on the CI machine (a
+virtual machine): measured on the same 1 GiB output, 70 ms in one call and 1.3 s in another, with the
+same 511 huge-page faults and no compaction, because the host backs the guest's freed memory again at
+random; ``torch.softmax`` at 8192 x 32 768 spends 100 ms on arithmetic and 200-1 500 ms on its fresh
+output and gradient. So outputs are **cached**: :func:`empty_like_output` maps them itself (anonymous
+``mmap``, huge pages advised) and keeps each mapping after the tensors on it are gone, to hand it out
+again for the next output of the same size, as PyTorch's CUDA allocator keeps freed blocks. A mapping
+is reused only when no tensor (or view, or array) holds it any more; the cache holds at most
+``OUTPUT_CACHE_BYTES`` (idle mappings of other sizes are unmapped to make room, beyond that outputs are
+plain allocations), and :func:`release_cached_outputs` unmaps every idle one, as
+``torch.cuda.empty_cache`` does. ``HF_FDIV_TUNE_MALLOC=0`` turns it off too.
 """
 
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import platform
+import sys
+import threading
 
 import torch
 from torch import Tensor
 
-__all__ = ["tune_cpu_allocator", "empty_like_output", "huge_pages_advised", "MMAP_THRESHOLD", "TRIM_THRESHOLD", "ENV_VAR"]
+__all__ = [
+    "tune_cpu_allocator", "empty_like_output", "release_cached_outputs", "huge_pages_advised", "MMAP_THRESHOLD",
+    "TRIM_THRESHOLD", "OUTPUT_CACHE_BYTES", "ENV_VAR",
+]
 
 ENV_VAR = "HF_FDIV_TUNE_MALLOC"
 #: glibc's largest mmap threshold on 64-bit systems (DEFAULT_MMAP_THRESHOLD_MAX)
@@ -40,6 +58,9 @@ TRIM_THRESHOLD = 256 << 20
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
 _MADV_HUGEPAGE = 14  # sys/mman.h
 _PAGE = 4096
+_HUGE_PAGE = 2 << 20
+#: outputs' mappings the process keeps for reuse, in use and idle together (read at call time)
+OUTPUT_CACHE_BYTES = 4 << 30
 _THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 _state: dict = {}
@@ -100,9 +121,75 @@ def huge_pages_advised(t: Tensor) -> bool:
     return madvise(start, end - start, _MADV_HUGEPAGE) == 0
 
 
+class _OutputCache:
+    """Anonymous mappings for outputs, reused once no tensor holds them (see the module docstring).
+
+    A tensor made by ``torch.frombuffer`` holds a reference to its mapping until its storage is freed
+    (every view and array shares that storage), so a mapping is idle exactly when the cache's own
+    reference is the only one left."""
+
+    def __init__(self):
+        self.maps: list[mmap.mmap] = []
+        self.lock = threading.Lock()
+        probe = [mmap.mmap(-1, _PAGE)]  # the count of a mapping no tensor holds, read as _idle reads it
+        self.idle_refs = sys.getrefcount(probe[0])
+        probe[0].close()
+
+    def _idle(self, i: int) -> bool:
+        return sys.getrefcount(self.maps[i]) <= self.idle_refs
+
+    def take(self, nbytes: int):
+        """An idle mapping of ``nbytes`` rounded up to 2 MiB, a new one, or None when the cache is full."""
+        size = -(-nbytes // _HUGE_PAGE) * _HUGE_PAGE
+        with self.lock:
+            for i in range(len(self.maps)):
+                if len(self.maps[i]) == size and self._idle(i):
+                    return self.maps[i]
+            total = sum(len(m) for m in self.maps)
+            for i in reversed(range(len(self.maps))):
+                if total + size <= OUTPUT_CACHE_BYTES:
+                    break
+                if self._idle(i):
+                    total -= len(self.maps[i])
+                    self.maps.pop(i).close()
+            if total + size > OUTPUT_CACHE_BYTES:
+                return None
+            m = mmap.mmap(-1, size)
+            if _madvise() is not None:
+                m.madvise(mmap.MADV_HUGEPAGE)
+            self.maps.append(m)
+            return m
+
+    def release(self) -> int:
+        """Unmap every idle mapping; returns the bytes given back."""
+        freed = 0
+        with self.lock:
+            for i in reversed(range(len(self.maps))):
+                if self._idle(i):
+                    freed += len(self.maps[i])
+                    self.maps.pop(i).close()
+        return freed
+
+
+_cache = _OutputCache()
+
+
+def release_cached_outputs() -> int:
+    """Give the memory of idle cached outputs back to the system (as ``torch.cuda.empty_cache``); returns
+    the bytes unmapped. Outputs still held by a tensor stay mapped."""
+    return _cache.release()
+
+
 def empty_like_output(x: Tensor, *, zero: bool = False) -> Tensor:
-    """``torch.empty_like(x)`` (contiguous; zero-filled when ``zero``) for an output the size of the logits,
-    on huge pages where they can be had (CPU, see the module docstring): advised before the first write."""
+    """``torch.empty_like(x)`` (contiguous; zero-filled when ``zero``) for an output the size of the logits.
+    On CPU, at least ``MMAP_THRESHOLD`` bytes: a cached mapping on huge pages, written before and so
+    faulted in already when an earlier output of the same size is gone (see the module docstring)."""
+    nbytes = x.numel() * x.element_size()
+    if x.device.type == "cpu" and nbytes >= MMAP_THRESHOLD and not _disabled() and hasattr(mmap, "MADV_HUGEPAGE"):
+        m = _cache.take(nbytes)
+        if m is not None:
+            out = torch.frombuffer(m, dtype=x.dtype, count=x.numel()).view(x.shape)
+            return out.zero_() if zero else out
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     huge_pages_advised(out)
     return out.zero_() if zero else out
